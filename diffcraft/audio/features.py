@@ -1,0 +1,165 @@
+"""Frame features in torch, batched, on any device, all aligned to one frame per 160 samples.
+
+Frames are centred (frame i describes the samples around i * hop) with zero padding, and the
+extra frame that centring adds is dropped, so a 4 s clip gives exactly 400 frames for every
+feature, the same count CREPE labels get.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from diffcraft import HOP_LENGTH, SAMPLE_RATE
+
+N_FFT = 2048
+WIN_LENGTH = 512
+LOUDNESS_FLOOR_DB = -80.0
+N_KEYS = 88  # piano keys A0 (MIDI 21) .. C8 (MIDI 108)
+PCCC_COEFFS = 44  # cepstral coefficients kept from each of the DCT and the DST
+
+
+def n_frames(n_samples: int, hop_length: int = HOP_LENGTH) -> int:
+    """Frames a signal of `n_samples` gets: one per hop (64000 samples -> 400)."""
+    return n_samples // hop_length
+
+
+def _batched(audio) -> tuple[torch.Tensor, bool]:
+    audio = torch.as_tensor(audio, dtype=torch.float32)
+    return (audio[None], True) if audio.dim() == 1 else (audio, False)
+
+
+@lru_cache(maxsize=16)
+def _window(win_length: int, device: str) -> torch.Tensor:
+    return torch.hann_window(win_length, device=device)
+
+
+def stft(audio, n_fft: int = N_FFT, win_length: int = WIN_LENGTH,
+         hop_length: int = HOP_LENGTH) -> torch.Tensor:
+    """Complex STFT, centred with zero padding, last frame dropped.
+
+    audio: [batch, n_samples] -> [batch, n_samples // hop, n_fft // 2 + 1] (complex64)
+    """
+    audio, squeeze = _batched(audio)
+    spec = torch.stft(audio, n_fft, hop_length=hop_length, win_length=win_length,
+                      window=_window(win_length, str(audio.device)), center=True,
+                      pad_mode="constant", return_complex=True)
+    spec = spec[..., : n_frames(audio.shape[-1], hop_length)].transpose(1, 2)
+    return spec[0] if squeeze else spec
+
+
+def log_magnitude_stft(audio, eps: float = 1e-5) -> torch.Tensor:
+    """The STFT encoder's input: log |STFT|, n_fft 2048, Hann 512, hop 160 -> [batch, 400, 1025]."""
+    return torch.log(stft(audio).abs().clamp_min(eps))
+
+
+@lru_cache(maxsize=8)
+def _a_weighting_power(n_fft: int, sample_rate: int, device: str) -> torch.Tensor:
+    """IEC 61672 A-weighting as a power gain per rfft bin (0 dB at 1 kHz)."""
+    f2 = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64) ** 2
+    ra = (12194.0 ** 2 * f2 ** 2) / ((f2 + 20.6 ** 2) * torch.sqrt((f2 + 107.7 ** 2) * (f2 + 737.9 ** 2))
+                                     * (f2 + 12194.0 ** 2))
+    gain_db = 20 * torch.log10(ra.clamp_min(1e-20)) + 2.0
+    return (10 ** (gain_db / 10)).float().to(device)
+
+
+def a_weighted_loudness(audio, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT,
+                        win_length: int = WIN_LENGTH) -> torch.Tensor:
+    """A-weighted mean power per frame in dB (dBFS RMS), floored at -80 dB.
+
+    Power is normalised by Parseval, so a 1 kHz sine of amplitude a reads 10*log10(a^2 / 2):
+    -3.01 dB at full scale. audio: [batch, n_samples] -> [batch, n_samples // 160]
+    """
+    audio, squeeze = _batched(audio)
+    spec = stft(audio, n_fft, win_length)
+    power = spec.real ** 2 + spec.imag ** 2
+    bins = torch.full((n_fft // 2 + 1,), 2.0, device=audio.device)
+    bins[0] = bins[-1] = 1.0  # DC and Nyquist appear once in the two-sided spectrum
+    weight = bins * _a_weighting_power(n_fft, sample_rate, str(audio.device))
+    window_energy = float((_window(win_length, str(audio.device)) ** 2).sum())
+    mean_power = (power * weight).sum(-1) / (n_fft * window_energy)
+    loudness = 10 * torch.log10(mean_power.clamp_min(10 ** (LOUDNESS_FLOOR_DB / 10)))
+    return loudness[0] if squeeze else loudness
+
+
+def scale_loudness(loudness_db: torch.Tensor) -> torch.Tensor:
+    """What the networks see: [-80, 0] dB mapped to [0, 1]."""
+    return loudness_db / -LOUDNESS_FLOOR_DB + 1.0
+
+
+# ---------------------------------------------------------------- PCCC
+
+def piano_key_hz(midi) -> np.ndarray:
+    return 440.0 * 2.0 ** ((np.asarray(midi, dtype=np.float64) - 69.0) / 12.0)
+
+
+@lru_cache(maxsize=4)
+def piano_filterbank(n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE,
+                     min_width_bins: float = 1.0) -> np.ndarray:
+    """88 triangular filters centred on the piano keys, on rfft bins: [88, n_fft // 2 + 1].
+
+    Each triangle rises from the key below and falls to the key above, but each half-width is at
+    least `min_width_bins` FFT bins: below C3 the keys are closer than one bin at n_fft 2048, and
+    without the floor six filters would hold no bin at all. Rows are normalised to unit sum.
+    """
+    bin_hz = np.arange(n_fft // 2 + 1) * sample_rate / n_fft
+    min_width = min_width_bins * sample_rate / n_fft
+    midi = np.arange(21, 109)
+    centre, below, above = piano_key_hz(midi), piano_key_hz(midi - 1), piano_key_hz(midi + 1)
+    lower = np.maximum(centre - below, min_width)[:, None]
+    upper = np.maximum(above - centre, min_width)[:, None]
+    delta = bin_hz[None, :] - centre[:, None]
+    rising = 1.0 + delta / lower
+    falling = 1.0 - delta / upper
+    tri = np.clip(np.where(delta < 0, rising, falling), 0.0, None)
+    empty = midi[tri.sum(axis=1) == 0]
+    if empty.size:
+        raise ValueError(f"piano filters for MIDI {empty.tolist()} hold no FFT bin at n_fft {n_fft}; "
+                         f"raise min_width_bins (now {min_width_bins})")
+    return (tri / tri.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@lru_cache(maxsize=4)
+def _cepstral_bases(n_keys: int, n_coeffs: int) -> tuple[np.ndarray, np.ndarray]:
+    """DCT-II and DST bases of the paper: [n_keys, n_coeffs] each."""
+    k = np.arange(n_keys)[:, None]
+    m = np.arange(n_coeffs)[None, :]
+    dct = np.cos(np.pi * m * (k + 0.5) / n_keys)
+    dst = np.sin(np.pi * m * (k + 1) / n_keys)  # the paper's k runs 1..K
+    return dct.astype(np.float32), dst.astype(np.float32)
+
+
+def pccc(audio, n_coeffs: int = PCCC_COEFFS, eps: float = 1e-5) -> torch.Tensor:
+    """Piano Complex Cepstral Coefficients: [batch, n_samples] -> [batch, 400, 2 * n_coeffs].
+
+    The complex STFT goes through the 88 key filters (S = X H), its complex log is taken
+    (log|S| + i arg S, the phase wrapped: it depends on the frame's time origin, so unwrapping
+    across keys would add no information), then the DCT of the real part and the DST of the
+    imaginary part are concatenated. The DST's first coefficient is zero by the paper's formula.
+    """
+    audio, squeeze = _batched(audio)
+    device = audio.device
+    spec = stft(audio)
+    bank = torch.as_tensor(piano_filterbank(), device=device)
+    filtered = torch.complex(spec.real @ bank.T, spec.imag @ bank.T)
+    log_mag = torch.log(filtered.abs().clamp_min(eps))
+    phase = torch.angle(filtered)
+    dct, dst = (torch.as_tensor(b, device=device) for b in _cepstral_bases(N_KEYS, n_coeffs))
+    out = torch.cat([log_mag @ dct, phase @ dst], dim=-1)
+    return out[0] if squeeze else out
+
+
+def hz_to_cents(f0_hz, ref_hz: float = 10.0):
+    """Cents above 10 Hz (the F0 decoder's and CREPE's reference)."""
+    if isinstance(f0_hz, torch.Tensor):
+        return 1200.0 * torch.log2(f0_hz / ref_hz)
+    return 1200.0 * np.log2(np.asarray(f0_hz) / ref_hz)
+
+
+def cents_to_hz(cents, ref_hz: float = 10.0):
+    if isinstance(cents, torch.Tensor):
+        return ref_hz * torch.pow(2.0, cents / 1200.0)
+    return ref_hz * 2.0 ** (np.asarray(cents) / 1200.0)
+
+

@@ -1,0 +1,1 @@
+"""Datasets (MDB-stem-synth, a folder of audio, a synthetic instrument) and the feature cache."""

@@ -1,0 +1,51 @@
+"""Reading the feature cache: clips as memory-mapped arrays, no audio decoding at training time."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from diffcraft.data.prepare import ARRAYS, load_manifest
+from diffcraft.errors import DataError
+
+SPLITS = ("train", "validation")
+
+
+class ClipDataset(Dataset):
+    """4 s clips of one split: item = {audio [64000], f0_hz, voicing, loudness_db [400]}."""
+
+    def __init__(self, cache: str | Path, split: str = "train"):
+        if split not in SPLITS:
+            raise DataError(f"split {split!r} is not one of {SPLITS}")
+        self.cache = Path(cache)
+        manifest = load_manifest(self.cache)
+        if manifest is None:
+            raise DataError(f"{self.cache}: no feature cache here (run `diffcraft data prepare` first)")
+        self.dirs = sorted(e["dir"] for e in manifest["files"].values() if e["split"] == split)
+        counts = {e["dir"]: e["n_clips"] for e in manifest["files"].values()}
+        self.index = [(d, i) for d in self.dirs for i in range(counts[d])]
+        if not self.index:
+            raise DataError(f"{self.cache}: the {split} split has no clips "
+                            f"(songs: {len({e['song'] for e in manifest['files'].values()})})")
+        self._arrays: dict[str, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _open(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self._arrays:  # opened lazily, so the dataset pickles into workers
+            folder = self.cache / "files" / name
+            self._arrays[name] = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in ARRAYS}
+        return self._arrays[name]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        name, clip = self.index[i]
+        arrays = self._open(name)
+        return {k: torch.from_numpy(np.array(arrays[k][clip])) for k in ARRAYS}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"] = {}
+        return state

@@ -1,0 +1,270 @@
+"""Turn a source (MDB-stem-synth, a folder of audio) into a feature cache of 4 s clips.
+
+Per file: load at 16 kHz, label F0 (the dataset's annotation, else CREPE), cut silences longer
+than 100 ms, cut 4 s clips, compute loudness on each clip. Files fan out as Ray tasks; the driver
+sends each task the file's bytes (so workers on other nodes need no shared filesystem) and writes
+each finished file into the cache, then the manifest, atomically. A rerun recomputes only the files
+whose content or parameters changed; an interrupted run loses only the files in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffcraft import CLIP_FRAMES, CLIP_SAMPLES, HOP_LENGTH, SAMPLE_RATE
+from diffcraft.audio.crepe import CREPE_MODELS, crepe_pitch
+from diffcraft.audio.features import a_weighted_loudness
+from diffcraft.audio.io import load_audio
+from diffcraft.data.sources import SourceFile, annotation_on_frames, discover, read_mdb_annotation
+from diffcraft.errors import AudioError, ConfigError, DataError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+ARRAYS = ("audio", "f0_hz", "voicing", "loudness_db")
+
+
+@dataclass
+class PrepareConfig:
+    silence_db: float = -60.0  # frames with A-weighted loudness below this are silent
+    min_silence_ms: float = 100.0  # silent runs at least this long are cut out (the paper's 100 ms)
+    crepe_model: str = "full"  # CREPE capacity for files without annotations: full | tiny
+    crepe_batch_size: int = 512  # CREPE frames per forward pass
+    validation_fraction: float = 0.2  # share of songs held out for validation
+
+    def validate(self, where: str = "") -> None:
+        if self.crepe_model not in CREPE_MODELS:
+            raise ConfigError(f"crepe_model: {self.crepe_model!r} is not one of {list(CREPE_MODELS)}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"validation_fraction: {self.validation_fraction} is not in [0, 1)")
+        if self.min_silence_ms <= 0:
+            raise ConfigError(f"min_silence_ms: {self.min_silence_ms} must be positive")
+
+    def params(self) -> dict:
+        """Everything that changes the cached arrays (the split fraction does not)."""
+        out = asdict(self)
+        out.pop("validation_fraction")
+        out.update(sample_rate=SAMPLE_RATE, hop_length=HOP_LENGTH, clip_samples=CLIP_SAMPLES,
+                   version=MANIFEST_VERSION)
+        return out
+
+
+@dataclass
+class PrepareSummary:
+    cache: Path
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    n_clips: dict[str, int] = field(default_factory=dict)  # per split
+    seconds: float = 0.0
+    elapsed: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"feature cache {self.cache}: {len(self.computed)} files computed, "
+               f"{len(self.reused)} unchanged, {len(self.skipped)} skipped, {len(self.removed)} removed; "
+               f"{self.n_clips.get('train', 0)} train + {self.n_clips.get('validation', 0)} validation "
+               f"clips ({self.seconds / 60:.1f} min) in {self.elapsed:.1f} s"]
+        out += [f"  skipped {path}: {reason}" for path, reason in sorted(self.skipped.items())]
+        return out
+
+
+
+
+def keep_mask(loudness_db: np.ndarray, silence_db: float, min_silence_frames: int) -> np.ndarray:
+    """True for frames to keep: all but runs of >= `min_silence_frames` silent frames."""
+    silent = np.concatenate([[False], loudness_db < silence_db, [False]])
+    edges = np.flatnonzero(np.diff(silent.astype(np.int8)))
+    keep = np.ones(len(loudness_db), dtype=bool)
+    for start, stop in zip(edges[::2], edges[1::2]):
+        if stop - start >= min_silence_frames:
+            keep[start:stop] = False
+    return keep
+
+
+def process_file(source: SourceFile, cfg: PrepareConfig, audio_bytes: bytes,
+                 annotation_bytes: bytes | None) -> dict[str, np.ndarray]:
+    """One file to clip arrays: audio [n, 64000], f0_hz/voicing/loudness_db [n, 400]."""
+    torch.set_num_threads(1)
+    audio = load_audio(source.path, data=audio_bytes)
+    frames = len(audio) // HOP_LENGTH
+    audio = audio[: frames * HOP_LENGTH]
+    if source.annotation is not None:
+        f0, voicing = annotation_on_frames(*read_mdb_annotation(source.annotation, annotation_bytes), frames)
+    else:
+        f0, voicing = crepe_pitch(audio, cfg.crepe_model, cfg.crepe_batch_size, progress=False)
+    loudness = a_weighted_loudness(torch.from_numpy(audio)).numpy()
+    keep = keep_mask(loudness, cfg.silence_db, int(round(cfg.min_silence_ms / 10)))
+    blocks = audio.reshape(frames, HOP_LENGTH)[keep]
+    n_clips = len(blocks) // CLIP_FRAMES
+    if n_clips == 0:
+        raise AudioError(source.path, f"has {len(blocks) / 100:.2f} s of sound after removing silences, "
+                                      f"shorter than one {CLIP_SAMPLES / SAMPLE_RATE:.0f} s clip")
+    used = n_clips * CLIP_FRAMES
+    clips = blocks[:used].reshape(n_clips, CLIP_SAMPLES)
+    return {
+        "audio": clips,
+        "f0_hz": f0[keep][:used].reshape(n_clips, CLIP_FRAMES),
+        "voicing": voicing[keep][:used].reshape(n_clips, CLIP_FRAMES),
+        "loudness_db": a_weighted_loudness(torch.from_numpy(clips)).numpy(),
+    }
+
+
+def _process_or_reason(source, cfg, audio_bytes, annotation_bytes):
+    """Ray task body: arrays, or the AudioError's problem as a string (a bad file is data)."""
+    try:
+        return process_file(source, cfg, audio_bytes, annotation_bytes)
+    except AudioError as err:
+        return err.problem
+
+
+def _sha256(*paths: Path | None) -> str:
+    """One content hash over the audio file and its annotation (streamed, not held in memory)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is not None:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _write_arrays(cache: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write a file's arrays into cache/files/<name>/ as a whole or not at all."""
+    final = cache / "files" / name
+    tmp = cache / "files" / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for key in ARRAYS:
+        np.save(tmp / f"{key}.npy", np.ascontiguousarray(arrays[key], dtype=np.float32))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def split_songs(songs: list[str], fraction: float) -> dict[str, str]:
+    """Deterministic song -> split; at least one validation song when there are two or more."""
+    ranked = sorted(set(songs), key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+    n_val = 0 if fraction == 0 or len(ranked) < 2 else max(1, round(fraction * len(ranked)))
+    return {song: ("validation" if i < n_val else "train") for i, song in enumerate(ranked)}
+
+
+def load_manifest(cache: Path) -> dict | None:
+    path = Path(cache) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: corrupt manifest ({err}); delete the cache folder to rebuild") from None
+
+
+def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = None,
+            address: str | None = None, num_cpus: int | None = None, stems=None, instruments=None,
+            metadata_dir=None, progress: bool = True) -> PrepareSummary:
+    """Build or update the feature cache at `cache` from `source`; see the module docstring."""
+    from diffcraft.raytools import ray_session
+
+    started = time.time()
+    cfg = cfg or PrepareConfig()
+    cfg.validate()
+    source, cache = Path(source).resolve(), Path(cache).resolve()
+    files = discover(source, stems, instruments, metadata_dir)
+    (cache / "files").mkdir(parents=True, exist_ok=True)
+    for stale in (cache / "files").glob(".tmp-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    params = cfg.params()
+    manifest = load_manifest(cache) or {}
+    entries = manifest.get("files", {}) if manifest.get("params") == params else {}
+    summary = PrepareSummary(cache)
+    current = {f.path.relative_to(source).as_posix(): f for f in files}
+    for rel in sorted(set(entries) - set(current)):
+        shutil.rmtree(cache / "files" / entries.pop(rel)["dir"], ignore_errors=True)
+        summary.removed.append(rel)
+    skipped = dict(manifest.get("skipped", {})) if manifest.get("params") == params else {}
+    for rel in list(skipped):
+        if rel not in current:
+            skipped.pop(rel)
+
+    def save_manifest():
+        songs = {e["song"] for e in entries.values()}
+        splits = split_songs(sorted(songs), cfg.validation_fraction)
+        for entry in entries.values():
+            entry["split"] = splits[entry["song"]]
+        _atomic_write_json(cache / MANIFEST, {
+            "version": MANIFEST_VERSION, "source": str(source), "params": params,
+            "validation_fraction": cfg.validation_fraction, "files": entries, "skipped": skipped})
+
+    todo = []
+    for rel, src in current.items():
+        if src.annotation is not None and not src.annotation.is_file():
+            skipped[rel] = {"reason": f"annotation {src.annotation.name} is missing", "sha256": None}
+            entries.pop(rel, None)
+            continue
+        digest = _sha256(src.path, src.annotation)
+        entry = entries.get(rel)
+        if entry and entry["sha256"] == digest and (cache / "files" / entry["dir"]).is_dir():
+            summary.reused.append(rel)
+        elif skipped.get(rel, {}).get("sha256") == digest:
+            continue  # known bad and unchanged: listed again, not recomputed
+        else:
+            todo.append((rel, src, digest))
+
+    if todo:
+        with ray_session(address, num_cpus) as ray:
+            task = ray.remote(num_cpus=1, max_retries=1)(_process_or_reason)
+            max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
+            pending, queue = {}, list(todo)
+            bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress)
+            while queue or pending:
+                while queue and len(pending) < max_in_flight:
+                    rel, src, digest = queue.pop(0)
+                    ann = src.annotation.read_bytes() if src.annotation else None
+                    ref = task.remote(src, cfg, src.path.read_bytes(), ann)
+                    pending[ref] = (rel, src, digest)
+                done, _ = ray.wait(list(pending), num_returns=1)
+                rel, src, digest = pending.pop(done[0])
+                result = ray.get(done[0])
+                if isinstance(result, str):
+                    skipped[rel] = {"reason": result, "sha256": digest}
+                    old = entries.pop(rel, None)
+                    if old:
+                        shutil.rmtree(cache / "files" / old["dir"], ignore_errors=True)
+                else:
+                    name = f"{src.path.name.split('.')[0][:60]}-{digest[:10]}"
+                    _write_arrays(cache, name, result)
+                    old = entries.get(rel)
+                    if old and old["dir"] != name:
+                        shutil.rmtree(cache / "files" / old["dir"], ignore_errors=True)
+                    entries[rel] = {"sha256": digest, "song": src.song, "dir": name,
+                                    "n_clips": int(result["audio"].shape[0])}
+                    skipped.pop(rel, None)
+                    summary.computed.append(rel)
+                save_manifest()
+                bar.update(1)
+                bar.set_postfix(skipped=len(skipped))
+            bar.close()
+    save_manifest()
+    summary.skipped = {rel: item["reason"] for rel, item in skipped.items()}
+    final = load_manifest(cache)
+    for entry in final["files"].values():
+        summary.n_clips[entry["split"]] = summary.n_clips.get(entry["split"], 0) + entry["n_clips"]
+    summary.seconds = sum(summary.n_clips.values()) * CLIP_SAMPLES / SAMPLE_RATE
+    summary.elapsed = time.time() - started
+    if not final["files"]:
+        raise DataError(f"{source}: no usable file; " + "; ".join(f"{k}: {v}" for k, v in summary.skipped.items()))
+    return summary

@@ -1,0 +1,34 @@
+"""Shared fixtures: small real audio, one local Ray for the session."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+torch.set_num_threads(2)
+
+
+def sine(freq_hz: float, seconds: float, amplitude: float = 0.5, sample_rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    return (amplitude * np.sin(2 * np.pi * freq_hz * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs, shared by every test that needs one."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", include_dashboard=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_source(tmp_path_factory):
+    """A small synthetic MDB-stem-synth tree: 3 songs x 1 stem x 9 s."""
+    from diffcraft.data.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synth"), n_songs=3, stems_per_song=1, seconds=9.0, seed=7)

@@ -1,0 +1,98 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from diffcraft.data.dataset import ClipDataset
+from diffcraft.data.prepare import PrepareConfig, keep_mask, prepare
+from diffcraft.errors import DataError
+from tests.conftest import sine
+
+
+def test_keep_mask_cuts_only_silences_of_100ms_or_more():
+    loud = np.full(100, -20.0)
+    loud[10:15] = -90  # 50 ms: kept
+    loud[40:60] = -90  # 200 ms: cut
+    keep = keep_mask(loud, -60.0, 10)
+    assert keep[10:15].all() and not keep[40:60].any() and keep.sum() == 80
+
+
+def test_prepare_mdb_then_second_run_does_no_work(ray_local, synth_source, tmp_path):
+    cache = tmp_path / "cache"
+    first = prepare(synth_source, cache, progress=False)
+    assert len(first.computed) == 3 and not first.skipped
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["params"]["min_silence_ms"] == 100.0
+    assert {e["split"] for e in manifest["files"].values()} == {"train", "validation"}
+    before = {p: p.stat().st_mtime_ns for p in (cache / "files").rglob("*.npy")}
+    second = prepare(synth_source, cache, progress=False)
+    assert second.computed == [] and len(second.reused) == 3
+    assert before == {p: p.stat().st_mtime_ns for p in (cache / "files").rglob("*.npy")}
+
+    train = ClipDataset(cache, "train")
+    item = train[0]
+    assert item["audio"].shape == (64000,) and item["f0_hz"].shape == (400,)
+    assert item["loudness_db"].shape == (400,) and item["voicing"].shape == (400,)
+    voiced = item["voicing"] > 0.5
+    assert (item["f0_hz"][voiced] > 100).all()
+
+
+def test_prepare_recomputes_only_a_changed_file(ray_local, synth_source, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    cache = tmp_path / "cache"
+    prepare(source, cache, progress=False)
+    changed = sorted((source / "audio_stems").glob("*.wav"))[0]
+    audio, rate = sf.read(str(changed))
+    sf.write(str(changed), audio * 0.5, rate, subtype="PCM_16")
+    again = prepare(source, cache, progress=False)
+    assert again.computed == [changed.relative_to(source).as_posix()] and len(again.reused) == 2
+    assert len(list((cache / "files").iterdir())) == 3  # the old version's folder is gone
+
+
+def test_prepare_folder_with_crepe_skips_and_lists_bad_files(ray_local, tmp_path):
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    good = np.concatenate([sine(392, 3.0), np.zeros(16000, np.float32), sine(440, 3.0)])
+    sf.write(str(folder / "good.wav"), good, 16000)
+    sf.write(str(folder / "short.flac"), sine(440, 2.0), 16000)
+    sf.write(str(folder / "silent.wav"), np.zeros(80000, np.float32), 16000)
+    (folder / "broken.wav").write_bytes(b"RIFF????WAVEfmt garbage")
+    (folder / "stale.wav").write_bytes(b"")
+    cache = tmp_path / "cache"
+    summary = prepare(folder, cache, PrepareConfig(crepe_model="tiny", validation_fraction=0.0),
+                      progress=False)
+    assert summary.computed == ["good.wav"]
+    assert set(summary.skipped) == {"short.flac", "silent.wav", "broken.wav", "stale.wav"}
+    assert "shorter than one 4 s clip" in summary.skipped["short.flac"]
+    assert "all silent" in summary.skipped["silent.wav"]
+    assert any("skipped broken.wav" in line for line in summary.lines())
+    clips = ClipDataset(cache, "train")
+    assert len(clips) == 1  # 7 s of sound once the 1 s silence is cut: one 4 s clip
+    f0 = clips[0]["f0_hz"].numpy()
+    assert abs(np.median(f0[20:280]) - 392) < 5 and abs(np.median(f0[320:390]) - 440) < 5
+    again = prepare(folder, cache, PrepareConfig(crepe_model="tiny", validation_fraction=0.0),
+                    progress=False)
+    assert again.computed == [] and set(again.skipped) == set(summary.skipped)
+    assert not list((cache / "files").glob(".tmp-*"))
+
+
+def test_prepare_of_only_bad_files_fails_naming_them(ray_local, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.wav").write_bytes(b"")
+    with pytest.raises(DataError, match="a.wav: is an empty file"):
+        prepare(folder, tmp_path / "cache", PrepareConfig(crepe_model="tiny"), progress=False)
+
+
+def test_prepare_cleans_leftovers_of_an_interrupted_run(ray_local, synth_source, tmp_path):
+    cache = tmp_path / "cache"
+    prepare(synth_source, cache, progress=False)
+    victim = sorted((cache / "files").iterdir())[0]
+    shutil.rmtree(victim)  # as if killed before this file's folder was renamed into place
+    (cache / "files" / ".tmp-half-written").mkdir()
+    again = prepare(synth_source, cache, progress=False)
+    assert len(again.computed) == 1 and len(again.reused) == 2
+    assert not (cache / "files" / ".tmp-half-written").exists()
