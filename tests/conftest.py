@@ -32,3 +32,27 @@ def synth_source(tmp_path_factory):
     from diffcraft.data.synthetic import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("synth"), n_songs=3, stems_per_song=1, seconds=9.0, seed=7)
+
+
+@pytest.fixture(scope="session")
+def synth_cache(ray_local, synth_source, tmp_path_factory):
+    """The synthetic source prepared into a feature cache (3 songs: 2 train, 1 validation)."""
+    from diffcraft.data.prepare import prepare
+
+    cache = tmp_path_factory.mktemp("cache")
+    prepare(synth_source, cache, progress=False)
+    return cache
+
+
+def tiny_run_config(cache, out_dir, **train):
+    """A run config small enough for a few CPU seconds per epoch."""
+    from diffcraft.config import from_dict
+    from diffcraft.train.config import RunConfig
+
+    return from_dict(RunConfig, {
+        "name": "tiny", "out_dir": str(out_dir),
+        "data": {"cache": str(cache), "batch_size": 2, "clips_per_epoch": 4},
+        "model": {"decoder": {"core": "gru", "width": 32, "mlp_layers": 1, "n_harmonics": 16,
+                              "n_noise_bands": 17, "reverb_seconds": 0.1}},
+        "train": {"epochs": 2, "lr": 1e-3, **train},
+    })

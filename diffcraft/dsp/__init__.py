@@ -1,0 +1,1 @@
+"""Differentiable synthesis: pure functions in `core`, processors in `synths`."""

@@ -1,0 +1,1 @@
+"""Models: the DDSP decoder (and, next, the encoders and the autoencoder)."""

@@ -1,0 +1,91 @@
+"""The run config: one YAML file maps onto these dataclasses, and the logged config is the recipe."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffcraft.config import from_dict, load_yaml, parse_yaml
+from diffcraft.errors import ConfigError
+from diffcraft.models.decoder import DecoderConfig
+
+
+@dataclass
+class DataConfig:
+    cache: str = "diffcraft-quickstart/cache"  # feature cache made by `diffcraft data prepare`
+    batch_size: int = 16
+    clips_per_epoch: int = 0  # training clips drawn per epoch (0: every training clip once)
+    validation_clips: int = 0  # validation clips evaluated each epoch (0: all)
+    num_workers: int = 0  # DataLoader worker processes
+
+    def validate(self, where: str = "") -> None:
+        p = f"{where}." if where else ""
+        if self.batch_size < 1:
+            raise ConfigError(f"{p}batch_size: {self.batch_size} must be at least 1")
+        for name in ("clips_per_epoch", "validation_clips", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{p}{name}: {getattr(self, name)} must not be negative")
+
+
+@dataclass
+class ModelConfig:
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 3e-4  # Adam learning rate
+    lr_decay: float = 0.98  # multiplied into the learning rate every `lr_decay_steps` steps
+    lr_decay_steps: int = 10000
+    grad_clip: float = 3.0  # global gradient-norm clip (0: off)
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; synthesis and loss stay fp32)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0: leave as is)
+
+    def validate(self, where: str = "") -> None:
+        p = f"{where}." if where else ""
+        if self.epochs < 1:
+            raise ConfigError(f"{p}epochs: {self.epochs} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"{p}lr: {self.lr} must be positive")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"{p}lr_decay: {self.lr_decay} must be in (0, 1]")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{p}precision: {self.precision!r} is not fp32 or bf16")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{p}device: {self.device!r} is not auto, cpu or cuda")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run's folder is out_dir/name
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides (value parsed as YAML) to a nested config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not FIELD=VALUE")
+        key, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = parse_yaml(raw)
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """RunConfig from a YAML file (or the defaults) plus overrides; errors name the field."""
+    data = load_yaml(path) if path else {}
+    try:
+        return from_dict(RunConfig, apply_overrides(data, list(overrides)))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
