@@ -55,3 +55,55 @@ class MultiScaleSpectralLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.per_example(pred, target).mean()
+
+
+# ---------------------------------------------------------------- encoder losses
+
+def f0_loss(logits: torch.Tensor, f0_hz: torch.Tensor, voiced: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the 435 bin logits against Gaussian-blurred targets (sigma 25
+    cents), averaged over voiced frames only. logits [B, T, 435], f0_hz/voiced [B, T]."""
+    from diffcraft.models.pitch import blurred_targets
+
+    per_frame = nn.functional.binary_cross_entropy_with_logits(
+        logits, blurred_targets(f0_hz), reduction="none").mean(-1)
+    mask = voiced.float()
+    return (per_frame * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def loudness_loss(pred_db: torch.Tensor, true_db: torch.Tensor) -> torch.Tensor:
+    """MSE + MAE on loudness scaled to [0, 1] (dB / 80 + 1)."""
+    diff = (pred_db - true_db) / 80.0
+    return diff.square().mean() + diff.abs().mean()
+
+
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per latent dimension, in nats per frame, averaged over batch
+    and frames: [..., latent] -> [latent]."""
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+    return kl.reshape(-1, kl.shape[-1]).mean(0)
+
+
+def kl_with_free_bits(kl_dims: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Sum over dimensions of max(free_bits, KL_d): dimensions under the floor get no gradient."""
+    return kl_dims.clamp_min(free_bits).sum() if free_bits > 0 else kl_dims.sum()
+
+
+def kl_beta(step: int, schedule: str, beta: float, beta_start: float = 0.0, warmup_steps: int = 0,
+            cycles: int = 4, ratio: float = 0.5, total_steps: int = 1) -> float:
+    """KL weight at `step`.
+
+    constant: beta. linear: beta_start -> beta over warmup_steps, then beta. cyclical (Fu et al.
+    2019): the schedule repeats `cycles` times over total_steps; in each cycle beta rises linearly
+    from beta_start over the first `ratio` of the cycle, then stays at beta.
+    """
+    if schedule == "constant":
+        return beta
+    if schedule == "linear":
+        if warmup_steps <= 0 or step >= warmup_steps:
+            return beta
+        return beta_start + (beta - beta_start) * step / warmup_steps
+    if schedule == "cyclical":
+        period = max(1.0, total_steps / max(cycles, 1))
+        tau = (step % period) / period
+        return beta if tau >= ratio else beta_start + (beta - beta_start) * tau / ratio
+    raise ValueError(f"KL schedule {schedule!r} is not constant, linear or cyclical")

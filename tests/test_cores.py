@@ -26,11 +26,11 @@ def test_every_core_maps_input_to_width(name):
 
 def test_fused_scan_equals_step_by_step_recurrence_in_value_and_gradients():
     torch.manual_seed(0)
-    batch, d_inner, length, n_state = 2, 12, 53, 8
-    inputs = [torch.randn(batch, d_inner, length), torch.randn(batch, d_inner, length) - 1.0,
+    batch, d_inner, length, n_state = 2, 45, 53, 8  # 45 channels: one full block and a partial one
+    inputs = [torch.randn(batch, length, d_inner), torch.randn(batch, length, d_inner) - 1.0,
               -torch.rand(d_inner, n_state) * 4, torch.randn(batch, length, n_state),
               torch.randn(batch, length, n_state), torch.randn(d_inner),
-              torch.randn(batch, d_inner, length), torch.randn(d_inner) * 0.5]
+              torch.randn(batch, length, d_inner), torch.randn(d_inner) * 0.5]
     fused_in = [t.clone().requires_grad_() for t in inputs]
     plain_in = [t.clone().requires_grad_() for t in inputs]
     fused = selective_scan(*fused_in, impl="fused")

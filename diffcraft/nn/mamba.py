@@ -40,13 +40,20 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+    def causal_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Depthwise causal conv1d in the [batch, L, d_inner] layout (the same weights and result
+        as `self.conv1d` on the transposed input, keeping the first L outputs)."""
+        taps = self.conv1d.weight.shape[-1]
+        padded = F.pad(x, (0, 0, taps - 1, 0))
+        length = x.shape[1]
+        out = sum(padded[:, k: k + length] * self.conv1d.weight[:, 0, k] for k in range(taps))
+        return out + self.conv1d.bias if self.conv1d.bias is not None else out
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        length = hidden.shape[1]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])  # causal depthwise conv
-        dt, Bm, Cm = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
-        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)
+        x = F.silu(self.causal_conv(x))
+        dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], -1)
+        delta = dt @ self.dt_proj.weight.T
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(x.contiguous(), delta.contiguous(), A, Bm.contiguous(), Cm.contiguous(),
-                           self.D, z.transpose(1, 2).contiguous(), self.dt_proj.bias, self.scan)
-        return self.out_proj(y.transpose(1, 2))
+        y = selective_scan(x, delta, A, Bm, Cm, self.D, z, self.dt_proj.bias, self.scan)
+        return self.out_proj(y)

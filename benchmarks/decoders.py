@@ -1,0 +1,102 @@
+"""Train-step speed of the DDSP decoder with each sequence core, side by side.
+
+For each core (a fresh subprocess each, so peak memory is the core's own): the whole decoder
+step at the default size (batch 16 x 4 s, width 512, 100 harmonics, 65 noise bands, 3 s reverb)
+with its multi-scale spectral loss and an Adam step; audio-seconds trained per wall-second; peak
+memory (RSS on CPU, allocated on CUDA); and the core alone (forward + backward at width 512).
+
+Run: python benchmarks/decoders.py [--device cpu|cuda] [--precision fp32|bf16] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+CORES = ("gru", "mamba", "bigru", "bimamba")
+BATCH, FRAMES, WIDTH = 16, 400, 512
+
+
+def measure(core: str, device: str, precision: str, steps: int) -> dict:
+    from diffcraft.losses import MultiScaleSpectralLoss
+    from diffcraft.models.decoder import DDSPDecoder, DecoderConfig
+    from diffcraft.nn import make_core
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model = DDSPDecoder(DecoderConfig(core=core)).to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    loss_fn = MultiScaleSpectralLoss()
+    f0 = (200 + 200 * torch.rand(BATCH, 1)).expand(BATCH, FRAMES).contiguous().to(dev)
+    loudness = (-40 + 20 * torch.rand(BATCH, FRAMES)).to(dev)
+    target = (0.1 * torch.randn(BATCH, FRAMES * 160)).to(dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(f0, loudness)
+        loss = loss_fn(out["audio"].float(), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def timed(fn, n):
+        times = []
+        for _ in range(n):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    timed(step, 2)  # warm-up: kernel compilation, allocator
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_s = timed(step, steps)
+    peak_mb = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    core_only = make_core(core, WIDTH, WIDTH).to(dev)
+    x = torch.randn(BATCH, FRAMES, WIDTH, device=dev)
+
+    def core_step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = core_only(x)
+        y.float().square().mean().backward()
+
+    timed(core_step, 2)
+    return {"core": core, "step_s": step_s, "audio_s_per_s": BATCH * 4.0 / step_s, "peak_mb": peak_mb,
+            "core_s": timed(core_step, steps),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.device, args.precision, args.steps)))
+        return
+    print(f"device {args.device}, precision {args.precision}, batch {BATCH} x 4 s, width {WIDTH}, "
+          f"torch threads {torch.get_num_threads()}, median of {args.steps} steps")
+    print(f"{'core':8s} {'params M':>8s} {'step s':>8s} {'audio-s/s':>10s} {'peak MB':>8s} {'core fwd+bwd s':>15s}")
+    for core in CORES:
+        out = subprocess.run([sys.executable, __file__, "--one", core, "--device", args.device,
+                              "--precision", args.precision, "--steps", str(args.steps)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{r['core']:8s} {r['params_m']:8.2f} {r['step_s']:8.3f} {r['audio_s_per_s']:10.1f} "
+              f"{r['peak_mb']:8.0f} {r['core_s']:15.3f}")
+
+
+if __name__ == "__main__":
+    main()

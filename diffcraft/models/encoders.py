@@ -1,0 +1,164 @@
+"""The audio encoder: frame features -> sequence core -> per-frame latents -> F0 and loudness.
+
+Feature front-ends (one frame per 10 ms, 400 per clip):
+  waveform  the clip as 400 snippets of 160 samples
+  stft      log-magnitude STFT (n_fft 2048, Hann 512): 1025 bins
+  pccc      Piano Complex Cepstral Coefficients: 88 values
+Encodings:
+  dual      waveform and STFT encoders, outputs concatenated, one latent read by both decoders
+  separate  PCCC encoder -> F0 latent -> F0 decoder; waveform encoder -> loudness latent -> loudness decoder
+Latents are per frame, `deterministic` (a plain autoencoder: the paper's "differential") or `vae`
+(mean and log-variance, reparameterised while training, the mean at evaluation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffcraft import HOP_LENGTH
+from diffcraft.audio.features import LOUDNESS_FLOOR_DB, PCCC_COEFFS, log_magnitude_stft, pccc
+from diffcraft.errors import ConfigError
+from diffcraft.models import pitch
+from diffcraft.nn.cores import CORES, make_core
+
+ENCODINGS = ("dual", "separate")
+LATENTS = ("deterministic", "vae")
+LOGVAR_RANGE = (-12.0, 6.0)
+
+
+@dataclass
+class EncoderConfig:
+    encoding: str = "separate"  # dual | separate
+    latent: str = "deterministic"  # deterministic | vae
+    core: str = "mamba"  # sequence core of each feature encoder
+    width: int = 256  # embedding and core width of each feature encoder
+    core_layers: int = 1
+    latent_size: int = 16  # per frame, per latent
+    head_width: int = 256  # hidden width of the F0 and loudness decoders
+
+    def validate(self, where: str = "") -> None:
+        p = f"{where}." if where else ""
+        for name, allowed in (("encoding", ENCODINGS), ("latent", LATENTS), ("core", CORES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{p}{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
+        for name in ("width", "core_layers", "latent_size", "head_width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{p}{name}: {getattr(self, name)} must be at least 1")
+
+
+FEATURES = {  # name -> (features per frame, extractor [batch, samples] -> [batch, frames, size])
+    "waveform": (HOP_LENGTH, lambda audio: audio.reshape(audio.shape[0], -1, HOP_LENGTH)),
+    "stft": (1025, log_magnitude_stft),
+    "pccc": (2 * PCCC_COEFFS, pccc),
+}
+
+
+class FeatureEncoder(nn.Module):
+    """One front-end: features -> Linear embedding -> sequence core: [batch, frames, width]."""
+
+    def __init__(self, feature: str, cfg: EncoderConfig):
+        super().__init__()
+        self.feature = feature
+        size, self.extract = FEATURES[feature]
+        self.embed = nn.Linear(size, cfg.width)
+        self.core = make_core(cfg.core, cfg.width, cfg.width, cfg.core_layers)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(audio.device.type, enabled=False):
+            features = self.extract(audio.float())
+        return self.core(self.embed(features))
+
+
+class LatentHead(nn.Module):
+    """Per-frame latent: z = W h (deterministic) or z ~ N(mu, sigma^2) with mu, log sigma^2 = W h."""
+
+    def __init__(self, input_size: int, latent_size: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(input_size, latent_size * (2 if kind == "vae" else 1))
+
+    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.proj(hidden)
+        if self.kind != "vae":
+            return {"z": out, "mu": out}
+        mu, logvar = out.chunk(2, dim=-1)
+        logvar = logvar.clamp(*LOGVAR_RANGE)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return {"z": z, "mu": mu, "logvar": logvar}
+
+
+def dense_tanh(input_size: int, hidden: int, output_size: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(input_size, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                         nn.Linear(hidden, output_size))
+
+
+class F0Decoder(nn.Module):
+    """Latent -> logits over the 435 pitch bins (sigmoid probabilities, CREPE-style)."""
+
+    def __init__(self, latent_size: int, hidden: int):
+        super().__init__()
+        self.net = dense_tanh(latent_size, hidden, pitch.N_BINS)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class LoudnessDecoder(nn.Module):
+    """Latent -> loudness in dB (the network predicts the [0, 1] scaled value)."""
+
+    def __init__(self, latent_size: int, hidden: int):
+        super().__init__()
+        self.net = dense_tanh(latent_size, hidden, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.net(z)[..., 0] - 1.0) * -LOUDNESS_FLOOR_DB
+
+
+class AudioEncoder(nn.Module):
+    """audio [batch, samples] -> {'f0_logits', 'f0_hz', 'loudness_db', 'latents': {name: head output}}."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.encoding == "dual":
+            self.branches = nn.ModuleDict({"waveform": FeatureEncoder("waveform", cfg),
+                                           "stft": FeatureEncoder("stft", cfg)})
+            self.heads = nn.ModuleDict({"shared": LatentHead(2 * cfg.width, cfg.latent_size, cfg.latent)})
+        else:
+            self.branches = nn.ModuleDict({"pccc": FeatureEncoder("pccc", cfg),
+                                           "waveform": FeatureEncoder("waveform", cfg)})
+            self.heads = nn.ModuleDict({"f0": LatentHead(cfg.width, cfg.latent_size, cfg.latent),
+                                        "loudness": LatentHead(cfg.width, cfg.latent_size, cfg.latent)})
+        self.f0_decoder = F0Decoder(cfg.latent_size, cfg.head_width)
+        self.loudness_decoder = LoudnessDecoder(cfg.latent_size, cfg.head_width)
+
+    def latents(self, audio: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """The latent heads' outputs: dual -> {'shared'}, separate -> {'f0', 'loudness'}."""
+        if self.cfg.encoding == "dual":
+            hidden = torch.cat([self.branches["waveform"](audio), self.branches["stft"](audio)], -1)
+            return {"shared": self.heads["shared"](hidden)}
+        return {"f0": self.heads["f0"](self.branches["pccc"](audio)),
+                "loudness": self.heads["loudness"](self.branches["waveform"](audio))}
+
+    def decode(self, z_f0: torch.Tensor, z_loudness: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.f0_decoder(z_f0).float()
+        return {"f0_logits": logits, "f0_hz": pitch.decode_f0(torch.sigmoid(logits)),
+                "loudness_db": self.loudness_decoder(z_loudness).float()}
+
+    def split(self, latents: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z for the F0 decoder, z for the loudness decoder)."""
+        if "shared" in latents:
+            return latents["shared"]["z"], latents["shared"]["z"]
+        return latents["f0"]["z"], latents["loudness"]["z"]
+
+    def forward(self, audio: torch.Tensor) -> dict:
+        latents = self.latents(audio)
+        return {**self.decode(*self.split(latents)), "latents": latents}
+
+
+def make_encoder(cfg: EncoderConfig) -> AudioEncoder:
+    return AudioEncoder(cfg)
+
+
