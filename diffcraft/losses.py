@@ -60,12 +60,15 @@ class MultiScaleSpectralLoss(nn.Module):
 # ---------------------------------------------------------------- encoder losses
 
 def f0_loss(logits: torch.Tensor, f0_hz: torch.Tensor, voiced: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the 435 bin logits against Gaussian-blurred targets (sigma 25
-    cents), averaged over voiced frames only. logits [B, T, 435], f0_hz/voiced [B, T]."""
+    """Cross-entropy of the softmax over the 435 bins against the Gaussian-blurred target (sigma
+    25 cents) normalised to sum to 1, as the paper defines it; averaged over voiced frames only.
+    logits [B, T, 435], f0_hz/voiced [B, T]. (Per-bin sigmoid cross-entropy, CREPE's loss, gave
+    the few true bins almost no gradient and did not learn here.)"""
     from diffcraft.models.pitch import blurred_targets
 
-    per_frame = nn.functional.binary_cross_entropy_with_logits(
-        logits, blurred_targets(f0_hz), reduction="none").mean(-1)
+    target = blurred_targets(f0_hz)
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-8)
+    per_frame = -(target * torch.log_softmax(logits, dim=-1)).sum(-1)
     mask = voiced.float()
     return (per_frame * mask).sum() / mask.sum().clamp_min(1.0)
 

@@ -17,7 +17,7 @@ N_FFT = 2048
 WIN_LENGTH = 512
 LOUDNESS_FLOOR_DB = -80.0
 N_KEYS = 88  # piano keys A0 (MIDI 21) .. C8 (MIDI 108)
-PCCC_COEFFS = 44  # cepstral coefficients kept from each of the DCT and the DST
+PCCC_COEFFS = 88  # cepstral coefficients from each of the DCT and the DST (all 88: invertible)
 
 
 def n_frames(n_samples: int, hop_length: int = HOP_LENGTH) -> int:

@@ -95,7 +95,7 @@ def dense_tanh(input_size: int, hidden: int, output_size: int) -> nn.Sequential:
 
 
 class F0Decoder(nn.Module):
-    """Latent -> logits over the 435 pitch bins (sigmoid probabilities, CREPE-style)."""
+    """Latent -> logits over the 435 pitch bins (a softmax distribution over pitch)."""
 
     def __init__(self, latent_size: int, hidden: int):
         super().__init__()
@@ -144,7 +144,7 @@ class AudioEncoder(nn.Module):
 
     def decode(self, z_f0: torch.Tensor, z_loudness: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.f0_decoder(z_f0).float()
-        return {"f0_logits": logits, "f0_hz": pitch.decode_f0(torch.sigmoid(logits)),
+        return {"f0_logits": logits, "f0_hz": pitch.decode_f0(torch.softmax(logits, dim=-1)),
                 "loudness_db": self.loudness_decoder(z_loudness).float()}
 
     def split(self, latents: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from diffcraft.config import from_dict, load_yaml, parse_yaml
 from diffcraft.errors import ConfigError
-from diffcraft.models.decoder import DecoderConfig
+from diffcraft.models.autoencoder import ModelConfig
 
 
 @dataclass
@@ -27,8 +27,31 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+class KLConfig:
+    schedule: str = "linear"  # constant | linear | cyclical
+    beta: float = 1e-3  # KL weight reached (nats per frame, summed over latent dimensions)
+    beta_start: float = 0.0  # weight at the start of a warm-up or of each cycle
+    warmup_steps: int = 1000  # linear: steps from beta_start to beta
+    cycles: int = 4  # cyclical: number of cycles over the whole run
+    ratio: float = 0.5  # cyclical: share of each cycle spent rising
+    free_bits: float = 0.0  # nats per dimension and frame below which KL gets no gradient
+
+    def validate(self, where: str = "") -> None:
+        p = f"{where}." if where else ""
+        if self.schedule not in ("constant", "linear", "cyclical"):
+            raise ConfigError(f"{p}schedule: {self.schedule!r} is not constant, linear or cyclical")
+        if self.beta < 0 or self.beta_start < 0 or self.free_bits < 0:
+            raise ConfigError(f"{p}beta, beta_start and free_bits must not be negative")
+        if not 0 < self.ratio <= 1 or self.cycles < 1:
+            raise ConfigError(f"{p}ratio must be in (0, 1] and cycles at least 1")
+
+
+@dataclass
+class LossConfig:
+    mss: float = 1.0  # weight of the multi-scale spectral loss (decoder and joint stages)
+    f0: float = 1.0  # weight of the F0 bin cross-entropy (encoder and joint stages)
+    loudness: float = 1.0  # weight of the loudness MSE + MAE
+    kl: KLConfig = field(default_factory=KLConfig)  # VAE latents only
 
 
 @dataclass
@@ -39,6 +62,7 @@ class TrainConfig:
     lr_decay_steps: int = 10000
     grad_clip: float = 3.0  # global gradient-norm clip (0: off)
     seed: int = 0
+    init_from: str = ""  # checkpoint whose matching weights start this run (e.g. a pretrained encoder)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; synthesis and loss stay fp32)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: leave as is)
@@ -63,6 +87,7 @@ class RunConfig:
     out_dir: str = "runs"  # the run's folder is out_dir/name
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

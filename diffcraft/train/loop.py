@@ -1,6 +1,6 @@
-"""One training run: data from the feature cache, the model, per-epoch evaluation, atomic
-checkpoints and resumption. No Ray or MLflow here: the study layer calls `train` with an
-`on_epoch` callback and reports from it.
+"""One training run: data from the feature cache, the model of the chosen stage, per-epoch
+evaluation, atomic checkpoints and resumption. No Ray or MLflow here: the study layer calls
+`train` with an `on_epoch` callback and reports from it.
 """
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ from tqdm.auto import tqdm
 
 from diffcraft import CLIP_SAMPLES, SAMPLE_RATE
 from diffcraft.data.dataset import ClipDataset
+from diffcraft.errors import CheckpointError
 from diffcraft.losses import MultiScaleSpectralLoss
-from diffcraft.models.decoder import DDSPDecoder
+from diffcraft.models.autoencoder import DiffCraft, ModelConfig
 from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
-from diffcraft.train.config import ModelConfig, RunConfig, load_run_config
-from diffcraft.train.metrics import mean_se_sd
+from diffcraft.train.config import RunConfig, load_run_config
+from diffcraft.train.evaluate import evaluate
+from diffcraft.train.objective import beta_at, loss_terms, total_loss
 
-__all__ = ["TrainResult", "build_model", "evaluate", "load_run_config", "train"]
+__all__ = ["TrainResult", "build_model", "describe_epoch", "load_run_config", "train"]
 
 
 @dataclass
@@ -33,15 +35,28 @@ class TrainResult:
     step: int = 0
 
     def describe(self) -> str:
-        best = self.best
-        return (f"run {self.run_dir}: {len(self.history)} epochs, {self.step} steps; best epoch "
-                f"{best.get('epoch')} val_mss {best.get('val_mss_mean', float('nan')):.4f} "
-                f"± {best.get('val_mss_se', float('nan')):.4f} (sd {best.get('val_mss_sd', float('nan')):.4f}); "
-                f"checkpoints in {self.run_dir / 'checkpoints'}")
+        return (f"run {self.run_dir}: {len(self.history)} epochs, {self.step} steps; best "
+                f"{describe_epoch(self.best)}; checkpoints in {self.run_dir / 'checkpoints'}")
 
 
-def build_model(cfg: ModelConfig) -> torch.nn.Module:
-    return DDSPDecoder(cfg.decoder)
+def describe_epoch(m: dict, epochs: int | None = None) -> str:
+    """One progress line: the metrics a person reads first."""
+    parts = [f"epoch {m.get('epoch', -1) + 1}" + (f"/{epochs}" if epochs else "")]
+    if "val_mss_mean" in m:
+        parts.append(f"val_mss {m['val_mss_mean']:.4f} ± {m['val_mss_se']:.4f} (sd {m['val_mss_sd']:.4f})")
+    if "val_rpa" in m:
+        parts.append(f"rpa {m['val_rpa']:.3f} rca {m['val_rca']:.3f} loud_mae {m['val_loudness_mae_db']:.2f} dB")
+    if "val_kl" in m:
+        parts.append(f"kl {m['val_kl']:.3f} beta {m.get('beta', 0):.2g}")
+    if "val_active_units" in m:
+        parts.append(f"active {m['val_active_units']}/{m['val_latent_dims']}")
+    if "audio_seconds_per_second" in m:
+        parts.append(f"{m['audio_seconds_per_second']:.1f} audio-s/s")
+    return "  ".join(parts)
+
+
+def build_model(cfg: ModelConfig) -> DiffCraft:
+    return DiffCraft(cfg)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,25 +65,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def make_autocast(device: torch.device, precision: str) -> Callable:
+    """A context factory: bf16 autocast of the networks, or a no-op for fp32."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def evaluate(model, loader, loss_fn, device, precision: str = "fp32") -> dict[str, float]:
-    """Per-clip MSS on `loader`: mean, standard error, standard deviation (noise seeded, so the
-    same weights always score the same)."""
-    model.eval()
-    values = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device, precision):
-                out = model(batch["f0_hz"], batch["loudness_db"])
-            values.append(loss_fn.per_example(out["audio"].float(), batch["audio"]).cpu())
-    model.train()
-    mean, se, sd = mean_se_sd(torch.cat(values))
-    return {"val_mss_mean": mean, "val_mss_se": se, "val_mss_sd": sd}
+def validation_loss(metrics: dict, cfg: RunConfig) -> float:
+    """The weighted validation loss that picks the best checkpoint (KL left out)."""
+    w = cfg.loss
+    return (w.mss * metrics.get("val_mss_mean", 0.0) + w.f0 * metrics.get("val_f0_loss", 0.0)
+            + w.loudness * metrics.get("val_loudness_loss", 0.0))
+
+
+def init_weights(model: torch.nn.Module, path: str) -> int:
+    """Copy the weights of checkpoint `path` whose names and shapes match (e.g. a pretrained
+    encoder into a joint model); returns how many tensors were copied."""
+    source = load_checkpoint(path)["model"]
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise CheckpointError(f"{path}: no weight in it matches this model")
+    model.load_state_dict(matched, strict=False)
+    return len(matched)
 
 
 def _loaders(cfg: RunConfig, generator: torch.Generator):
@@ -103,15 +121,21 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
     generator = torch.Generator().manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    loss_fn = MultiScaleSpectralLoss()
+    mss_fn = MultiScaleSpectralLoss()
+    autocast = make_autocast(device, cfg.train.precision)
     train_loader, val_loader = _loaders(cfg, generator)
+    total_steps = cfg.train.epochs * len(train_loader)
 
     result = TrainResult(run_dir)
     start_epoch, extra = 0, dict(extra_state or {})
     if (ckpt_dir / "last.pt").is_file():
         state = load_checkpoint(ckpt_dir / "last.pt", str(device))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{ckpt_dir / 'last.pt'}: does not fit this run's config, so it cannot "
+                                  f"be resumed ({str(err).splitlines()[0]}); use another run folder") from None
         torch.set_rng_state(state["rng"])
         generator.set_state(state["sampler_rng"])
         result.history, result.best, result.step = state["history"], state["best"], state["step"]
@@ -119,18 +143,22 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
         extra = {**state.get("extra", {}), **extra}
         if progress:
             print(f"resuming {run_dir} after epoch {state['epoch']} (step {result.step})")
+    elif cfg.train.init_from:
+        init_weights(model, cfg.train.init_from)
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        started, losses = time.time(), []
+        started, sums, n_steps = time.time(), {}, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
                    disable=not progress, leave=False)
         for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = cfg.train.lr * cfg.train.lr_decay ** (result.step / cfg.train.lr_decay_steps)
-            with _autocast(device, cfg.train.precision):
-                out = model(batch["f0_hz"], batch["loudness_db"])
-            loss = loss_fn(out["audio"].float(), batch["audio"])
+            beta = beta_at(cfg.loss, result.step, total_steps)
+            with autocast():
+                out = model(batch["audio"], batch["f0_hz"], batch["loudness_db"])
+            terms = loss_terms(out, batch, mss_fn)
+            loss = total_loss(terms, cfg, beta)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}, step {result.step}: training loss is {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
@@ -139,18 +167,24 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             result.step += 1
-            losses.append(loss.item())
-            bar.set_postfix(mss=f"{loss.item():.3f}")
+            n_steps += 1
+            logged = {"train_loss": loss.item(), **({"beta": beta} if model.is_vae else {})}
+            for name, value in terms.items():
+                logged["train_kl" if name == "kl_per_dim" else f"train_{name}"] = float(value.sum())
+            for key, value in logged.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         train_seconds = time.time() - started
-        metrics = {"epoch": epoch, "step": result.step, "train_mss": sum(losses) / max(1, len(losses)),
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_seconds,
-                   "audio_seconds_per_second": len(losses) * train_loader.batch_size * CLIP_SAMPLES
+        metrics = {"epoch": epoch, "step": result.step, "lr": optimizer.param_groups[0]["lr"],
+                   **{k: v / max(1, n_steps) for k, v in sums.items()}, "epoch_seconds": train_seconds,
+                   "audio_seconds_per_second": n_steps * train_loader.batch_size * CLIP_SAMPLES
                    / SAMPLE_RATE / max(train_seconds, 1e-9),
-                   **evaluate(model, val_loader, loss_fn, device, cfg.train.precision)}
-        if not math.isfinite(metrics["val_mss_mean"]):
-            raise FloatingPointError(f"epoch {epoch}: validation MSS is {metrics['val_mss_mean']}")
+                   **evaluate(model, val_loader, mss_fn, device, autocast)}
+        metrics["val_loss"] = validation_loss(metrics, cfg)
+        if not math.isfinite(metrics["val_loss"]):
+            raise FloatingPointError(f"epoch {epoch}: validation loss is {metrics['val_loss']}")
         result.history.append(metrics)
-        improved = not result.best or metrics["val_mss_mean"] < result.best["val_mss_mean"]
+        improved = not result.best or metrics["val_loss"] < result.best["val_loss"]
         if improved:
             result.best = dict(metrics)
         state = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -160,9 +194,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
             save_checkpoint(ckpt_dir / "best.pt", state)
         last = save_checkpoint(ckpt_dir / "last.pt", state)
         if progress:
-            print(f"epoch {epoch + 1}/{cfg.train.epochs}  train_mss {metrics['train_mss']:.4f}  val_mss "
-                  f"{metrics['val_mss_mean']:.4f} ± {metrics['val_mss_se']:.4f} (sd {metrics['val_mss_sd']:.4f})  "
-                  f"{metrics['audio_seconds_per_second']:.1f} audio-s/s")
+            print(describe_epoch(metrics, cfg.train.epochs))
         if on_epoch is not None and on_epoch(metrics, last):
             break
     return result

@@ -1,0 +1,55 @@
+"""DiffCraft: audio -> encoder -> F0 and loudness -> DDSP decoder -> audio.
+
+The training stage decides which parts exist and what feeds the decoder:
+  decoder  DDSP decoder alone, driven by the labels (ground-truth or CREPE F0, loudness)
+  encoder  the audio encoder alone, supervised by the labels
+  joint    both: the decoder is driven by the encoder's F0 and loudness. The F0 estimate enters
+           the synthesiser detached (the oscillator's gradient with respect to frequency is a poor
+           teacher; F0 is learned from its supervised loss), loudness keeps its gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from diffcraft.errors import ConfigError
+from diffcraft.models.decoder import DDSPDecoder, DecoderConfig
+from diffcraft.models.encoders import AudioEncoder, EncoderConfig
+
+STAGES = ("decoder", "encoder", "joint")
+
+
+@dataclass
+class ModelConfig:
+    stage: str = "decoder"  # decoder | encoder | joint
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def validate(self, where: str = "") -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"{where + '.' if where else ''}stage: {self.stage!r} is not one of {list(STAGES)}")
+
+
+class DiffCraft(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = AudioEncoder(cfg.encoder) if cfg.stage in ("encoder", "joint") else None
+        self.decoder = DDSPDecoder(cfg.decoder) if cfg.stage in ("decoder", "joint") else None
+
+    @property
+    def is_vae(self) -> bool:
+        return self.encoder is not None and self.cfg.encoder.latent == "vae"
+
+    def forward(self, audio: torch.Tensor, f0_hz: torch.Tensor | None = None,
+                loudness_db: torch.Tensor | None = None) -> dict:
+        """audio [batch, samples]; labels [batch, frames] (needed by the decoder stage) ->
+        encoder outputs ('f0_logits', 'f0_hz', 'loudness_db', 'latents') and/or 'synth'."""
+        out = self.encoder(audio) if self.encoder is not None else {}
+        if self.decoder is not None:
+            if self.encoder is not None:
+                f0_hz, loudness_db = out["f0_hz"].detach(), out["loudness_db"]
+            out["synth"] = self.decoder(f0_hz, loudness_db)
+        return out

@@ -1,0 +1,48 @@
+"""The training objective: the loss terms a stage uses, weighted and summed."""
+from __future__ import annotations
+
+import torch
+
+from diffcraft.losses import f0_loss, kl_beta, kl_per_dim, kl_with_free_bits, loudness_loss
+from diffcraft.train.config import LossConfig, RunConfig
+
+VOICED = 0.5  # voicing confidence at or above which a frame counts as voiced
+
+
+def beta_at(cfg: LossConfig, step: int, total_steps: int) -> float:
+    kl = cfg.kl
+    return kl_beta(step, kl.schedule, kl.beta, kl.beta_start, kl.warmup_steps, kl.cycles, kl.ratio, total_steps)
+
+
+def latent_kl_dims(latents: dict) -> torch.Tensor | None:
+    """KL per dimension of every VAE latent head, concatenated: [total latent dims]."""
+    parts = [kl_per_dim(h["mu"].float(), h["logvar"].float()) for h in latents.values() if "logvar" in h]
+    return torch.cat(parts) if parts else None
+
+
+def loss_terms(out: dict, batch: dict, mss_fn, per_example: bool = False) -> dict[str, torch.Tensor]:
+    """Unweighted loss terms present in the model's outputs (MSS per clip when per_example)."""
+    terms = {}
+    if "f0_logits" in out:
+        voiced = batch["voicing"] >= VOICED
+        terms["f0_loss"] = f0_loss(out["f0_logits"], batch["f0_hz"], voiced)
+        terms["loudness_loss"] = loudness_loss(out["loudness_db"], batch["loudness_db"])
+        kl_dims = latent_kl_dims(out["latents"])
+        if kl_dims is not None:
+            terms["kl_per_dim"] = kl_dims
+    if "synth" in out:
+        audio = out["synth"]["audio"].float()
+        terms["mss"] = mss_fn.per_example(audio, batch["audio"]) if per_example else mss_fn(audio, batch["audio"])
+    return terms
+
+
+def total_loss(terms: dict, cfg: RunConfig, beta: float) -> torch.Tensor:
+    w = cfg.loss
+    total = 0.0
+    if "mss" in terms:
+        total = total + w.mss * terms["mss"].mean()
+    if "f0_loss" in terms:
+        total = total + w.f0 * terms["f0_loss"] + w.loudness * terms["loudness_loss"]
+    if "kl_per_dim" in terms:
+        total = total + beta * kl_with_free_bits(terms["kl_per_dim"], w.kl.free_bits)
+    return total
