@@ -38,6 +38,52 @@ def _cmd_train(args) -> None:
     print(result.describe())
 
 
+def _cmd_study_run(args) -> None:
+    from diffcraft.study.report import status_lines
+    from diffcraft.study.runner import run_study
+    from diffcraft.study.schema import load_study
+
+    study = load_study(args.file, overrides=args.set)
+    run_study(study, address=args.address)
+    print("\n".join(status_lines(study)))
+    print(f"MLflow: mlflow ui --backend-store-uri {study_tracking_uri(study)}")
+
+
+def study_tracking_uri(study) -> str:
+    from diffcraft.study.tracking import default_tracking_uri
+
+    return default_tracking_uri(study.mlflow.tracking_uri)
+
+
+def _stored_study(args):
+    from diffcraft.study.runner import study_from_storage
+
+    return study_from_storage(args.name, args.storage)
+
+
+def _cmd_study_resume(args) -> None:
+    from diffcraft.study.report import status_lines
+    from diffcraft.study.runner import run_study
+
+    study = _stored_study(args)
+    run_study(study, address=args.address, resume=True)
+    print("\n".join(status_lines(study)))
+
+
+def _cmd_study_status(args) -> None:
+    from diffcraft.study.report import status_lines
+
+    print("\n".join(status_lines(_stored_study(args))))
+
+
+def _cmd_study_report(args) -> None:
+    from diffcraft.study.report import write_report
+
+    path = write_report(_stored_study(args))
+    print(path.read_text())
+    print(f"report written to {path.parent} and logged to the study's MLflow parent run")
+
+
 def _cmd_quickstart(args) -> None:
     from diffcraft.quickstart import quickstart
 
@@ -77,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                        help="override config fields, e.g. train.epochs=3 model.core=bimamba")
     train.set_defaults(func=_cmd_train)
+
+    study = sub.add_parser("study", help="hyperparameter and ablation studies on Ray Tune").add_subparsers(
+        dest="study_command", required=True)
+    run = study.add_parser("run", help="validate and run a study file")
+    run.add_argument("file", type=Path)
+    run.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 (default: local Ray)")
+    run.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override study fields")
+    run.set_defaults(func=_cmd_study_run)
+    for name, func, text in (("resume", _cmd_study_resume, "continue a study after a kill"),
+                             ("status", _cmd_study_status, "trials, their states and the best so far"),
+                             ("report", _cmd_study_report, "the results table, logged to MLflow")):
+        cmd = study.add_parser(name, help=text)
+        cmd.add_argument("name")
+        cmd.add_argument("--storage", default="studies", help="the study file's storage folder")
+        if name == "resume":
+            cmd.add_argument("--address", default=None)
+        cmd.set_defaults(func=func)
 
     quick = sub.add_parser("quickstart", help="synthetic data -> cache -> a short training run")
     quick.add_argument("--workdir", default="diffcraft-quickstart")

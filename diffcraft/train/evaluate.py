@@ -59,7 +59,7 @@ def evaluate(model, loader, mss_fn, device, autocast) -> dict:
     metrics: dict = {}
     if mss:
         mean, se, sd = mean_se_sd(torch.cat(mss))
-        metrics.update(val_mss_mean=mean, val_mss_se=se, val_mss_sd=sd)
+        metrics.update(val_mss_mean=mean, val_mss_se=se, val_mss_sd=sd, val_n_clips=int(torch.cat(mss).numel()))
     if f0_pred:
         pred, true, mask = torch.cat(f0_pred), torch.cat(f0_true), torch.cat(voiced)
         mae_mean, mae_se, mae_sd = mean_se_sd(torch.cat(loud_err))

@@ -1,0 +1,226 @@
+"""Study files: what to train, what to search, how to run it, where to log. Validated whole before
+anything starts; every error names the field and the value.
+
+```yaml
+name: decoder_ablation
+run: {data: {...}, model: {...}, loss: {...}, train: {...}}   # the base run config
+search:
+  algorithm: grid                     # optuna | grid | random
+  space:                              # dotted run-config field -> one distribution
+    model.decoder.core: {grid: [gru, mamba, bigru, bimamba]}
+    train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+  samples: 1                          # optuna/random: trials drawn; grid: repeats of the grid
+  seeds: 3                            # seeds per configuration (a grid over train.seed)
+objective: {metric: val_mss_mean, mode: min}
+scheduler: {kind: asha, grace_epochs: 2, reduction_factor: 2}
+resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+concurrency: 2
+mlflow: {tracking_uri: "", experiment: ""}   # "" = sqlite file mlflow.db here / the study name
+storage: studies
+```
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffcraft.config import from_dict, load_yaml
+from diffcraft.errors import ConfigError
+from diffcraft.train.config import RunConfig, apply_overrides
+
+ALGORITHMS = ("optuna", "grid", "random")
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class StudyConfigError(ConfigError):
+    """A study file field that is unknown, ill-typed, out of range or unschedulable."""
+
+
+@dataclass
+class SearchConfig:
+    algorithm: str = "grid"
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples: int = 1
+    seeds: int = 1
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = "val_loss"  # any per-epoch metric, e.g. val_mss_mean, val_rpa, val_loss
+    mode: str = "min"  # min | max
+
+
+@dataclass
+class SchedulerConfig:
+    kind: str = "fifo"  # fifo | asha
+    grace_epochs: int = 1  # asha: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2  # asha: keep 1 / reduction_factor of the trials at each rung
+
+
+@dataclass
+class ResourcesConfig:
+    workers: int = 1  # Ray Train workers per trial (1: the loop runs inside the trial)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class CollapseGuardConfig:
+    min_active_units: int = 0  # 0 turns the guard off
+    patience: int = 3  # epochs in a row below the floor before the guard acts
+    action: str = "stop"  # stop: end the trial; penalize: report the objective plus `penalty`
+    penalty: float = 1000.0
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # "" = sqlite:///<absolute path of the working directory>/mlflow.db
+    experiment: str = ""  # "" = the study name
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    description: str = ""
+    run: dict[str, Any] = field(default_factory=dict)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    concurrency: int = 1  # trials at once
+    max_retries: int = 0  # times a failed trial is restarted (from its last checkpoint)
+    collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    storage: str = "studies"  # the study lives in storage/name (shared storage on a cluster)
+
+    def validate(self, where: str = "") -> None:
+        if not NAME.match(self.name):
+            raise StudyConfigError(f"name: {self.name!r} must be letters, digits, '_', '-', '.'")
+        base = self.base_run()
+        s = self.search
+        if s.algorithm not in ALGORITHMS:
+            raise StudyConfigError(f"search.algorithm: {s.algorithm!r} is not one of {list(ALGORITHMS)}")
+        if s.samples < 1 or s.seeds < 1:
+            raise StudyConfigError(f"search.samples and search.seeds must be at least 1 (got {s.samples}, {s.seeds})")
+        for key, spec in s.space.items():
+            kind, values = parse_distribution(key, spec)
+            if kind == "grid" and s.algorithm == "optuna":
+                raise StudyConfigError(f"search.space.{key}: grid needs algorithm grid or random "
+                                       "(Optuna samples: use choice)")
+            for value in (values if kind in ("choice", "grid") else values[:1]):
+                try:
+                    run_config(base, {key: value})
+                except ConfigError as err:
+                    raise StudyConfigError(f"search.space.{key}: {value!r} does not fit the run config ({err})") from None
+        if key_seed(s.space) and s.seeds > 1:
+            raise StudyConfigError("search.seeds: train.seed is already in the search space")
+        if s.seeds > 1 and s.algorithm == "optuna":
+            raise StudyConfigError("search.seeds: repeating seeds needs algorithm grid or random")
+        if self.objective.mode not in ("min", "max"):
+            raise StudyConfigError(f"objective.mode: {self.objective.mode!r} is not min or max")
+        if not re.match(r"^(val|train)_\w+$", self.objective.metric):
+            raise StudyConfigError(f"objective.metric: {self.objective.metric!r} is not a val_* or train_* metric")
+        sch = self.scheduler
+        if sch.kind not in ("fifo", "asha"):
+            raise StudyConfigError(f"scheduler.kind: {sch.kind!r} is not fifo or asha")
+        if sch.grace_epochs < 1 or sch.reduction_factor < 2:
+            raise StudyConfigError("scheduler.grace_epochs must be >= 1 and scheduler.reduction_factor >= 2")
+        r = self.resources
+        if r.workers < 1 or r.cpus_per_worker <= 0 or r.gpus_per_worker < 0:
+            raise StudyConfigError(f"resources: workers >= 1, cpus_per_worker > 0, gpus_per_worker >= 0 "
+                                   f"(got {r.workers}, {r.cpus_per_worker}, {r.gpus_per_worker})")
+        if self.concurrency < 1 or self.max_retries < 0:
+            raise StudyConfigError(f"concurrency must be >= 1 and max_retries >= 0 (got {self.concurrency}, {self.max_retries})")
+        g = self.collapse_guard
+        if g.action not in ("stop", "penalize") or g.min_active_units < 0 or g.patience < 1:
+            raise StudyConfigError(f"collapse_guard: action stop|penalize, min_active_units >= 0, patience >= 1 "
+                                   f"(got {g.action!r}, {g.min_active_units}, {g.patience})")
+
+    def base_run(self) -> RunConfig:
+        try:
+            return from_dict(RunConfig, copy.deepcopy(self.run))
+        except ConfigError as err:
+            raise StudyConfigError(f"run: {err}") from None
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.storage).resolve() / self.name
+
+
+def key_seed(space: dict) -> bool:
+    return "train.seed" in space
+
+
+def parse_distribution(key: str, spec) -> tuple[str, list]:
+    """({'loguniform': [1e-4, 1e-2]}) -> ('loguniform', [1e-4, 1e-2]), checked."""
+    where = f"search.space.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise StudyConfigError(f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+    (kind, values), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise StudyConfigError(f"{where}: {kind!r} is not one of {list(DISTRIBUTIONS)}")
+    if not isinstance(values, list) or not values:
+        raise StudyConfigError(f"{where}.{kind}: expected a non-empty list, got {values!r}")
+    if kind in ("loguniform", "uniform", "int"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise StudyConfigError(f"{where}.{kind}: expected [low, high], got {values!r}")
+        low, high = values
+        if not low < high:
+            raise StudyConfigError(f"{where}.{kind}: low {low} must be below high {high}")
+        if kind == "loguniform" and low <= 0:
+            raise StudyConfigError(f"{where}.loguniform: bounds must be positive, got {values!r}")
+        if kind == "int" and not all(isinstance(v, int) for v in values):
+            raise StudyConfigError(f"{where}.int: bounds must be integers, got {values!r}")
+    return kind, values
+
+
+def run_config(base: dict | RunConfig, params: dict) -> RunConfig:
+    """The base run config with dotted `params` applied (values already typed)."""
+    data = asdict(base) if isinstance(base, RunConfig) else copy.deepcopy(base)
+    for key, value in params.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(RunConfig, data)
+
+
+def config_hash(params: dict, without_seed: bool = False) -> str:
+    """Short stable hash of a trial's parameters (seed left out: the configuration group)."""
+    items = {k: v for k, v in params.items() if not (without_seed and k == "train.seed")}
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def absolute_paths(data: dict, root: Path) -> dict:
+    """Make the study's paths absolute against `root` (where the command runs): trials run in
+    other working directories, possibly on other machines."""
+    data = copy.deepcopy(data)
+    data["storage"] = str((root / data.get("storage", "studies")).resolve())
+    run = data.setdefault("run", {})
+    cache = run.get("data", {}).get("cache")
+    if isinstance(cache, str) and cache:
+        run["data"]["cache"] = str((root / cache).resolve())
+    init = run.get("train", {}).get("init_from")
+    if isinstance(init, str) and init:
+        run["train"]["init_from"] = str((root / init).resolve())
+    return data
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    """Read and validate a study file; errors are prefixed with the file name. Relative paths
+    inside it are taken from the current directory."""
+    data = load_yaml(path)
+    try:
+        data = apply_overrides(data, list(overrides))
+        if isinstance(data.get("run", {}), dict) and isinstance(data.get("run", {}).get("data", {}), dict):
+            data = absolute_paths(data, Path.cwd())
+        return from_dict(StudyConfig, data)
+    except ConfigError as err:
+        raise StudyConfigError(f"{path}: {err}") from None

@@ -1,0 +1,116 @@
+"""MLflow bookkeeping for studies: one experiment per study, a parent run for the study, one
+nested run per trial that is reused (never duplicated) when the trial restarts or the study resumes.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from diffcraft import __version__
+from diffcraft.config import flatten
+
+MAX_PARAMS_PER_BATCH = 100
+
+
+def default_tracking_uri(uri: str = "") -> str:
+    """The configured URI, or an absolute SQLite file `mlflow.db` in the working directory (an
+    absolute URI, so every Ray worker writes to the same file whatever its working directory)."""
+    return uri or f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def code_version() -> str:
+    """diffcraft's version plus the git commit of its checkout, when there is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The experiment called `name`, created if needed. With a local store, artifacts go to an
+    absolute folder next to the database (MLflow would otherwise use the creator's cwd)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    location = None
+    if _is_local(tracking_uri):
+        db = Path(tracking_uri.split(":///", 1)[-1]) if "://" in tracking_uri else Path(tracking_uri)
+        location = (db.parent / "mlartifacts" / name).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """Finite numbers of an epoch's metrics, list-valued ones spread as name_0, name_1, ..."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = float(value)
+        elif isinstance(value, (list, tuple)) and key in ("val_kl_per_dim",):
+            out.update({f"{key}_{i}": float(v) for i, v in enumerate(value) if math.isfinite(v)})
+    return out
+
+
+class TrialRun:
+    """The MLflow run of one trial."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def open(cls, tracking_uri: str, experiment: str, parent_run_id: str, trial_id: str, tags: dict,
+             params: dict, known_run_id: str | None = None) -> "TrialRun":
+        """Reuse the trial's run (from its checkpoint, else by its trial_id tag) or create it."""
+        client = MlflowClient(tracking_uri)
+        run_id = known_run_id
+        if run_id is None:
+            found = client.search_runs([experiment], f"tags.trial_id = '{trial_id}'", max_results=1)
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            run = client.create_run(experiment, run_name=tags.get("trial_name", trial_id),
+                                    tags={"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, **tags})
+            run_id = run.info.run_id
+            items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                client.log_batch(run_id, params=items[i: i + MAX_PARAMS_PER_BATCH])
+        else:
+            client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id)
+
+    def log_epoch(self, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        step = int(metrics.get("epoch", 0))
+        items = [Metric(k, v, now, step) for k, v in scalar_metrics(metrics).items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i: i + 500])
+
+    def tag(self, **tags) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            self.log_artifact(path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,126 @@
+"""The study engine on a real local Ray (2 CPUs) and a real MLflow SQLite store."""
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from diffcraft.study.report import status_lines, write_report
+from diffcraft.study.runner import run_study
+from diffcraft.study.schema import StudyConfigError, load_study
+
+TINY_RUN = {
+    "data": {"batch_size": 2, "clips_per_epoch": 4},
+    "model": {"stage": "decoder", "decoder": {"core": "gru", "width": 16, "mlp_layers": 1, "n_harmonics": 8,
+                                              "n_noise_bands": 9, "reverb_seconds": 0.05}},
+    "train": {"epochs": 2, "lr": 1e-3},
+}
+
+
+def write_study(tmp_path, cache, **fields):
+    run = yaml.safe_load(yaml.safe_dump(TINY_RUN))
+    run["data"]["cache"] = str(cache)
+    for key, value in fields.pop("run", {}).items():
+        run.setdefault(key, {}).update(value)
+    study = {"name": "s", "run": run, "storage": str(tmp_path / "studies"),
+             "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "concurrency": 2, **fields}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def child_runs(study):
+    client = MlflowClient(study.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(study.name)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    return client, parents, children
+
+
+def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local, synth_cache, tmp_path):
+    path = write_study(tmp_path, synth_cache, search={"algorithm": "grid", "space": {
+        "model.decoder.core": {"grid": ["gru", "mamba"]}}})
+    study = load_study(path)
+    results = run_study(study, verbose=0)
+    assert len(results) == 2 and not results.errors
+    client, parents, children = child_runs(study)
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.data.params["model.decoder.core"] for r in children} == {"gru", "mamba"}
+    for run in children:
+        assert run.info.status == "FINISHED"
+        for tag in ("study", "trial_id", "seed", "config_hash", "code_version"):
+            assert run.data.tags[tag]
+        history = client.get_metric_history(run.info.run_id, "val_mss_mean")
+        assert [m.step for m in history] == [0, 1]
+        assert "train_mss" in run.data.metrics and "val_mss_sd" in run.data.metrics
+        artifacts = {a.path for folder in ("checkpoint", "figures", "audio")
+                     for a in client.list_artifacts(run.info.run_id, folder)}
+        assert {"checkpoint/best.pt", "figures/loss_curves.png", "figures/spectrogram_0.png",
+                "audio/clip0_synth.wav", "audio/clip0_truth.wav"} <= artifacts
+    lines = status_lines(study)
+    assert "2 trials (2 finished)" in lines[0] and lines[-1].startswith("best so far")
+    report = write_report(study).read_text()
+    assert "model.decoder.core=gru" in report and "val_mss_mean" in report
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} == {
+        "report/s_report.md", "report/s_report.csv"}
+    with pytest.raises(StudyConfigError, match="already exists"):
+        run_study(study)
+
+
+def test_optuna_with_asha_stops_a_trial_early(ray_local, synth_cache, tmp_path):
+    path = write_study(tmp_path, synth_cache, run={"train": {"epochs": 4}}, concurrency=1,
+                       search={"algorithm": "optuna", "samples": 5,
+                               "space": {"train.lr": {"loguniform": [1e-7, 3e-3]}}},
+                       scheduler={"kind": "asha", "grace_epochs": 1, "reduction_factor": 2})
+    study = load_study(path)
+    results = run_study(study, verbose=0)
+    iterations = sorted(r.metrics["training_iteration"] for r in results)
+    assert len(iterations) == 5 and iterations[0] < 4 and iterations[-1] == 4
+    _, _, children = child_runs(study)
+    assert len(children) == 5 and not [r for r in children if r.info.status == "RUNNING"]
+    assert (tmp_path / "studies" / "s" / "optuna.db").is_file()
+
+
+def test_a_failing_trial_fails_alone(ray_local, synth_cache, tmp_path):
+    path = write_study(tmp_path, synth_cache, search={"algorithm": "grid", "space": {
+        "train.lr": {"grid": [1e-3, 1e12]}}})
+    study = load_study(path)
+    results = run_study(study, verbose=0)
+    assert len(results) == 2 and len(results.errors) == 1
+    _, _, children = child_runs(study)
+    by_lr = {r.data.params["train.lr"]: r for r in children}
+    assert by_lr["0.001"].info.status == "FINISHED"
+    failed = by_lr["1000000000000.0"]
+    assert failed.info.status == "FAILED" and "FloatingPointError" in failed.data.tags["error"]
+
+
+def test_unschedulable_trial_fails_fast_with_the_numbers(ray_local, synth_cache, tmp_path):
+    study = load_study(write_study(tmp_path, synth_cache, resources={"cpus_per_worker": 64}))
+    with pytest.raises(StudyConfigError, match=r"needs 64 CPUs .* has 2 CPUs"):
+        run_study(study, verbose=0)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"search": {"algorithm": "bayes"}}, "search.algorithm: 'bayes'"),
+    ({"search": {"space": {"model.decoder.kore": {"grid": ["gru"]}}}}, "search.space.model.decoder.kore"),
+    ({"search": {"space": {"train.lr": {"loguniform": [0.0, 1.0]}}}}, "search.space.train.lr.loguniform"),
+    ({"search": {"space": {"train.lr": {"normal": [0, 1]}}}}, "search.space.train.lr: 'normal'"),
+    ({"search": {"space": {"train.epochs": {"int": [1.5, 3]}}}}, "search.space.train.epochs.int"),
+    ({"search": {"algorithm": "optuna", "space": {"train.lr": {"grid": [0.1]}}}}, "grid needs algorithm"),
+    ({"search": {"algorithm": "optuna", "seeds": 3}}, "search.seeds"),
+    ({"search": {"samples": 0}}, "search.samples"),
+    ({"objective": {"metric": "val_mss_mean", "mode": "lowest"}}, "objective.mode: 'lowest'"),
+    ({"objective": {"metric": "loss"}}, "objective.metric: 'loss'"),
+    ({"scheduler": {"kind": "hyperband"}}, "scheduler.kind: 'hyperband'"),
+    ({"resources": {"cpus_per_worker": 0}}, "resources"),
+    ({"concurrency": 0}, "concurrency"),
+    ({"collapse_guard": {"action": "warn"}}, "collapse_guard"),
+    ({"run": {"train": {"epochs": "many"}}}, "run: train.epochs: expected an integer, got 'many'"),
+    ({"bogus": 1}, "unknown field bogus"),
+    ({"name": "bad name!"}, "name: 'bad name!'"),
+])
+def test_every_invalid_study_field_is_named(tmp_path, fields, message):
+    path = write_study(tmp_path, tmp_path / "cache", **fields)
+    with pytest.raises(StudyConfigError) as info:
+        load_study(path)
+    assert message in str(info.value) and "study.yaml" in str(info.value)
