@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--address", default=None)
         cmd.set_defaults(func=func)
 
-    quick = sub.add_parser("quickstart", help="synthetic data -> cache -> a short training run")
+    quick = sub.add_parser("quickstart", help="synthetic data -> cache -> the quickstart study -> report")
     quick.add_argument("--workdir", default="diffcraft-quickstart")
     quick.set_defaults(func=_cmd_quickstart)
     return parser

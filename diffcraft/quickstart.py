@@ -1,4 +1,6 @@
-"""`diffcraft quickstart`: the whole flow on synthetic data, sized for minutes on a 2-core CPU."""
+"""`diffcraft quickstart`: the whole flow on synthetic data, sized for minutes on a 2-core CPU:
+synthetic violin stems -> feature cache -> the quickstart study (studies/quickstart.yaml) on a
+local Ray, logged to MLflow in a local SQLite file -> the study report."""
 from __future__ import annotations
 
 import time
@@ -6,27 +8,33 @@ from pathlib import Path
 
 from diffcraft.data.prepare import PrepareConfig, prepare
 from diffcraft.data.synthetic import write_dataset
-from diffcraft.train.config import load_run_config
-from diffcraft.train.loop import train
+from diffcraft.errors import DataError
+from diffcraft.study.report import status_lines, write_report
+from diffcraft.study.runner import run_study
+from diffcraft.study.schema import load_study
+from diffcraft.study.tracking import default_tracking_uri
+
+QUICKSTART_STUDY = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
 
 
-def quickstart(workdir: Path, seconds_per_stem: float = 24.0, epochs: int = 8) -> Path:
-    """Synthesise a small dataset, prepare its feature cache, train a small BiMamba decoder;
-    return the run folder."""
+def quickstart(workdir: Path, seconds_per_stem: float = 24.0) -> Path:
+    """Run the flow in `workdir`; a second call reuses the data and resumes or reports the study."""
     started = time.time()
     workdir = Path(workdir).resolve()
     source, cache = workdir / "synthetic", workdir / "cache"
+    if not QUICKSTART_STUDY.is_file():
+        raise DataError(f"{QUICKSTART_STUDY}: the quickstart study file is missing (run from a source checkout)")
     if not (source / "audio_stems").is_dir():
         write_dataset(source, n_songs=4, stems_per_song=2, seconds=seconds_per_stem, seed=0)
         print(f"[quickstart] synthetic violin stems written to {source}")
     summary = prepare(source, cache, PrepareConfig())
     print("[quickstart] " + "\n".join(summary.lines()))
-    cfg = load_run_config(overrides=[
-        "name=decoder-bimamba", f"out_dir={workdir / 'runs'}", f"data.cache={cache}",
-        "data.batch_size=8", "data.clips_per_epoch=32", "model.decoder.core=bimamba",
-        "model.decoder.width=128", "model.decoder.reverb_seconds=0.5", f"train.epochs={epochs}",
-        "train.lr=1e-3"])
-    result = train(cfg)
-    print(f"[quickstart] {result.describe()}")
-    print(f"[quickstart] done in {time.time() - started:.0f} s")
-    return result.run_dir
+    study = load_study(QUICKSTART_STUDY, [f"run.data.cache={cache}", f"storage={workdir / 'studies'}"])
+    run_study(study, resume=(study.directory / "tune").is_dir())
+    print("[quickstart] " + "\n".join(status_lines(study)))
+    report = write_report(study)
+    print(f"[quickstart] report: {report}")
+    print(f"[quickstart] done in {time.time() - started:.0f} s. Open the runs in the MLflow UI with:\n"
+          f"    mlflow ui --backend-store-uri {default_tracking_uri(study.mlflow.tracking_uri)} --port 5000\n"
+          f"and browse http://127.0.0.1:5000 (experiment '{study.name}').")
+    return study.directory

@@ -124,3 +124,98 @@ def test_every_invalid_study_field_is_named(tmp_path, fields, message):
     with pytest.raises(StudyConfigError) as info:
         load_study(path)
     assert message in str(info.value) and "study.yaml" in str(info.value)
+
+
+def test_killed_driver_resumes_to_completion_without_duplicate_runs(synth_cache, tmp_path):
+    """SIGKILL the whole `diffcraft study run` process group once a trial has finished, then
+    `diffcraft study resume`: every trial ends FINISHED exactly once, none is left RUNNING, and
+    every epoch is logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_study(tmp_path, synth_cache, run={"train": {"epochs": 3}}, concurrency=1,
+                       search={"algorithm": "grid", "space": {"model.decoder.core": {"grid": ["gru", "mamba", "bigru"]}}})
+    study = load_study(path)
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "diffcraft.cli", "study", "run", str(path)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, finished = time.time() + 300, 0
+    while time.time() < deadline and proc.poll() is None and not finished:
+        time.sleep(0.5)
+        try:
+            _, _, children = child_runs(study)
+            finished = sum(r.info.status == "FINISHED" for r in children)
+        except Exception:  # the experiment is not created yet
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert finished >= 1, "no trial finished before the kill"
+    _, _, before = child_runs(study)
+    assert len(before) < 3 or any(r.info.status == "RUNNING" for r in before), "the study ended before the kill"
+    done = subprocess.run([sys.executable, "-m", "diffcraft.cli", "study", "resume", "s", "--storage",
+                           str(tmp_path / "studies")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, parents, children = child_runs(study)
+    assert len(parents) == 1 and len(children) == 3
+    assert sorted(r.data.params["model.decoder.core"] for r in children) == ["bigru", "gru", "mamba"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")]
+        assert sorted(steps) == [0, 1, 2], steps
+
+
+def test_study_logs_to_a_real_mlflow_tracking_server(ray_local, synth_cache, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+        path = write_study(tmp_path, synth_cache, mlflow={"tracking_uri": uri, "experiment": "served"},
+                           run={"train": {"epochs": 1}})
+        study = load_study(path)
+        run_study(study, verbose=0)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("served")
+        runs = client.search_runs([exp.experiment_id], "tags.trial_id != ''")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert "val_mss_mean" in runs[0].data.metrics
+        assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoint")}
+        assert list((tmp_path / "server-artifacts").rglob("best.pt"))  # uploaded through the server
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "decoder_ablation", "kl_collapse", "encoder_ablation", "lr_search"])
+def test_shipped_studies_validate(name):
+    from pathlib import Path
+
+    study = load_study(Path(__file__).parent.parent / "studies" / f"{name}.yaml")
+    assert study.name == name and study.search.space

@@ -151,6 +151,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
         raise StudyConfigError(f"run.data.cache: {cache}: no feature cache there "
                                "(build one with `diffcraft data prepare`)")
     state = open_study(study)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot the experiment often: resume loses little
     env = {"MLFLOW_TRACKING_URI": state["tracking_uri"]}
     with ray_session(address, runtime_env={"env_vars": env}) as ray:
         check_resources(study, ray.cluster_resources())
@@ -168,7 +169,8 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
                 tune_config=tune.TuneConfig(metric=study.objective.metric, mode=study.objective.mode,
                                             search_alg=search, scheduler=scheduler,
                                             num_samples=study.search.samples,
-                                            max_concurrent_trials=study.concurrency),
+                                            max_concurrent_trials=study.concurrency,
+                                            reuse_actors=True),
                 run_config=tune.RunConfig(name="tune", storage_path=str(study.directory),
                                           failure_config=tune.FailureConfig(max_failures=study.max_retries),
                                           verbose=verbose))

@@ -83,8 +83,9 @@ class TrialRun:
             found = client.search_runs([experiment], f"tags.trial_id = '{trial_id}'", max_results=1)
             run_id = found[0].info.run_id if found else None
         if run_id is None:
-            run = client.create_run(experiment, run_name=tags.get("trial_name", trial_id),
-                                    tags={"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, **tags})
+            tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, **tags}
+            run = client.create_run(experiment, run_name=str(tags.get("trial_name", trial_id)),
+                                    tags={k: str(v) for k, v in tags.items()})
             run_id = run.info.run_id
             items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):

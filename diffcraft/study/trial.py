@@ -94,6 +94,7 @@ def trial_main(params: dict, study: StudyConfig, experiment_id: str, parent_run_
                         _previous_run_id(out_dir))
     guard = CollapseGuard(study.collapse_guard)
     objective = study.objective
+    reported = []
 
     def on_epoch(metrics: dict, checkpoint: Path) -> bool:
         run.log_epoch(metrics)
@@ -108,10 +109,13 @@ def trial_main(params: dict, study: StudyConfig, experiment_id: str, parent_run_
                 sign = 1 if objective.mode == "min" else -1
                 report[objective.metric] += sign * study.collapse_guard.penalty
         tune.report(report)
+        reported.append(metrics["epoch"])
         return collapsed and study.collapse_guard.action == "stop"
 
     try:
         result = train(cfg, out_dir, progress=False, on_epoch=on_epoch, extra_state={"mlflow_run_id": run.run_id})
+        if not reported and result.history:  # restarted after its last epoch: tell Tune the result
+            tune.report(scalar_metrics(result.history[-1]))
         best = result.best.get(objective.metric, math.nan)
         run.tag(best_epoch=result.best.get("epoch"), **{f"best_{objective.metric}": best})
         log_trial_artifacts(run, out_dir, cfg)

@@ -170,7 +170,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
             n_steps += 1
             logged = {"train_loss": loss.item(), **({"beta": beta} if model.is_vae else {})}
             for name, value in terms.items():
-                logged["train_kl" if name == "kl_per_dim" else f"train_{name}"] = float(value.sum())
+                logged["train_kl" if name == "kl_per_dim" else f"train_{name}"] = float(value.detach().sum())
             for key, value in logged.items():
                 sums[key] = sums.get(key, 0.0) + value
             bar.set_postfix(loss=f"{loss.item():.3f}")
