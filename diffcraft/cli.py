@@ -84,6 +84,53 @@ def _cmd_study_report(args) -> None:
     print(f"report written to {path.parent} and logged to the study's MLflow parent run")
 
 
+def _cmd_promote(args) -> None:
+    from diffcraft.study.promote import promote
+
+    p = promote(_stored_study(args), metric=args.metric, mode=args.mode, alias=args.alias, where=args.where,
+                name=args.name, trial=args.trial)
+    print(f"promoted trial {p.trial} ({p.metric} = {p.value:.6g}, re-measured {p.reproduced:.6g}) as "
+          f"{p.name} version {p.version}; models:/{p.name}@{p.alias} now points to it")
+
+
+def _cmd_transfer(args) -> None:
+    import time
+
+    from diffcraft.audio.io import load_audio, write_wav
+    from diffcraft.errors import AudioError
+    from diffcraft.study.promote import checkpoint_for
+    from diffcraft.transfer import model_from_checkpoint, timbre_transfer
+
+    from diffcraft.study.tracking import default_tracking_uri
+
+    model, _ = model_from_checkpoint(checkpoint_for(args.model, default_tracking_uri(args.tracking_uri or "")))
+    f0_source = args.f0 if args.f0 != "auto" else ("encoder" if model.encoder is not None else "crepe")
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in args.inputs:
+        try:
+            audio = load_audio(path)
+        except AudioError as err:
+            print(f"diffcraft: skipped {err}", file=sys.stderr)
+            failed += 1
+            continue
+        started = time.perf_counter()
+        out = timbre_transfer(model, audio, f0_source, args.pitch_shift, args.loudness_offset, args.crepe_model)
+        seconds = time.perf_counter() - started
+        target = write_wav(args.out / f"{path.stem}_transfer.wav", out.audio / max(1.0, float(abs(out.audio).max())))
+        line = (f"{path} -> {target}  ({len(audio) / 16000:.1f} s of audio in {seconds:.1f} s, "
+                f"real-time factor {seconds / (len(audio) / 16000):.3f}, F0 from {f0_source})")
+        if args.plot:
+            from diffcraft.plots import spectrogram_figure
+
+            figure = spectrogram_figure(args.out / f"{path.stem}_transfer.png", audio, out.audio, out.f0_hz,
+                                        f"{path.name}: input (F0 used) and transfer", ("input", "transfer"))
+            line += f", plot {figure}"
+        print(line)
+    if failed:
+        raise SystemExit(1 if failed == len(args.inputs) else 0)
+
+
 def _cmd_quickstart(args) -> None:
     from diffcraft.quickstart import quickstart
 
@@ -140,6 +187,30 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "resume":
             cmd.add_argument("--address", default=None)
         cmd.set_defaults(func=func)
+
+    prom = sub.add_parser("promote", help="register a study's best finished trial in the MLflow registry")
+    prom.add_argument("name", metavar="STUDY")
+    prom.add_argument("--storage", default="studies")
+    prom.add_argument("--metric", default=None, help="default: the study objective")
+    prom.add_argument("--mode", default=None, choices=["min", "max"])
+    prom.add_argument("--alias", default="champion")
+    prom.add_argument("--where", action="append", default=[], metavar="'METRIC OP VALUE'",
+                      help="constraint at the trial's best epoch, e.g. 'active_units >= 4' (repeatable)")
+    prom.add_argument("--name", default=None, help="registered model name (default: diffcraft-STUDY)")
+    prom.add_argument("--trial", default=None, help="promote this trial (id or name) instead of the best")
+    prom.set_defaults(func=_cmd_promote)
+
+    tr = sub.add_parser("transfer", help="timbre transfer of audio files with a trained model")
+    tr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    tr.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint")
+    tr.add_argument("--out", required=True, type=Path)
+    tr.add_argument("--pitch-shift", type=float, default=0.0, help="semitones")
+    tr.add_argument("--loudness-offset", type=float, default=0.0, help="dB")
+    tr.add_argument("--f0", default="auto", choices=["auto", "encoder", "crepe"])
+    tr.add_argument("--crepe-model", default="full", choices=["full", "tiny"])
+    tr.add_argument("--plot", action="store_true", help="also write input/output spectrograms with the F0 used")
+    tr.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ (default: ./mlflow.db)")
+    tr.set_defaults(func=_cmd_transfer)
 
     quick = sub.add_parser("quickstart", help="synthetic data -> cache -> the quickstart study -> report")
     quick.add_argument("--workdir", default="diffcraft-quickstart")

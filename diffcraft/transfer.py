@@ -46,24 +46,55 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[DiffCr
     return model.to(device).eval(), cfg
 
 
+CHUNK_FRAMES = 3000  # 30 s of frames through the networks at a time
+CONTEXT_FRAMES = 200  # 2 s of context either side of a chunk, cut off afterwards
+
+
+def chunked_frames(fn, n_frames: int, chunk: int | None = None, context: int | None = None):
+    """Run `fn(start, stop)` -> tensor [frames, ...] over overlapping windows of frames and join the
+    middles: each chunk sees `context` frames of its neighbours, so recurrent and bidirectional
+    cores have what they need at the joins, and memory stays bounded for long files."""
+    chunk = chunk or CHUNK_FRAMES
+    context = CONTEXT_FRAMES if context is None else context
+    parts = []
+    for start in range(0, n_frames, chunk):
+        stop = min(n_frames, start + chunk)
+        lo, hi = max(0, start - context), min(n_frames, stop + context)
+        parts.append(fn(lo, hi)[start - lo: start - lo + stop - start])
+    return torch.cat(parts, dim=0)
+
+
 def source_controls(model: DiffCraft, audio: torch.Tensor, f0_source: str = "encoder",
                     crepe_model: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
     """(f0_hz, loudness_db) [frames] of 16 kHz audio [samples] (a whole number of hops)."""
     if f0_source not in F0_SOURCES:
         raise ConfigError(f"f0 source {f0_source!r} is not one of {list(F0_SOURCES)}")
+    n_frames = audio.shape[0] // HOP_LENGTH
     if f0_source == "encoder":
         if model.encoder is None:
             raise ConfigError("this model has no encoder (decoder stage): use the crepe F0 source")
-        out = model.encoder(audio[None])
-        return out["f0_hz"][0], out["loudness_db"][0]
+
+        def encode(lo, hi):
+            out = model.encoder(audio[lo * HOP_LENGTH: hi * HOP_LENGTH][None])
+            return torch.stack([out["f0_hz"][0], out["loudness_db"][0]], -1)
+
+        both = chunked_frames(encode, n_frames)
+        return both[:, 0], both[:, 1]
     f0, _ = crepe_pitch(audio.cpu().numpy(), crepe_model, progress=False)
-    return torch.from_numpy(f0).to(audio.device), a_weighted_loudness(audio)
+    margin = 8  # frames of audio either side: every STFT frame sees exactly its own samples
+    loudness = chunked_frames(lambda lo, hi: a_weighted_loudness(audio[lo * HOP_LENGTH: hi * HOP_LENGTH]),
+                              n_frames, context=margin)
+    return torch.from_numpy(f0).to(audio.device), loudness
 
 
 @torch.no_grad()
 def timbre_transfer(model: DiffCraft, audio, f0_source: str = "encoder", pitch_shift: float = 0.0,
                     loudness_offset: float = 0.0, crepe_model: str = "full") -> Transferred:
-    """Synthesise `audio` (16 kHz mono, any length) with the model's instrument."""
+    """Synthesise `audio` (16 kHz mono, any length) with the model's instrument. The networks run
+    over overlapping chunks; the synthesiser runs once over the whole file, so the oscillators'
+    phase and the noise filter run on across the joins."""
+    from diffcraft.dsp.core import fill_unvoiced
+
     if model.decoder is None:
         raise ConfigError("this model has no DDSP decoder (encoder stage): it cannot synthesise")
     model.eval()
@@ -72,7 +103,17 @@ def timbre_transfer(model: DiffCraft, audio, f0_source: str = "encoder", pitch_s
     n = audio.shape[0]
     padded = torch.nn.functional.pad(audio, (0, (-n) % HOP_LENGTH))
     f0_hz, loudness_db = source_controls(model, padded, f0_source, crepe_model)
-    f0_hz = f0_hz * 2.0 ** (pitch_shift / 12.0)
+    f0_hz = fill_unvoiced((f0_hz * 2.0 ** (pitch_shift / 12.0))[None])[0]
     loudness_db = loudness_db + loudness_offset
-    out = model.decoder(f0_hz[None], loudness_db[None])["audio"][0, :n]
+    decoder = model.decoder
+    names = ("amplitude_raw", "distribution_raw", "noise_raw")
+    sizes = [1, decoder.cfg.n_harmonics, decoder.cfg.n_noise_bands]
+
+    def controls(lo, hi):
+        raw = decoder.controls(f0_hz[None, lo:hi], loudness_db[None, lo:hi])
+        return torch.cat([raw[k][0].float() for k in names], -1)
+
+    joined = chunked_frames(controls, f0_hz.shape[0])
+    raw = {k: v[None] for k, v in zip(names, joined.split(sizes, -1))}
+    out = decoder.synthesize(f0_hz[None], raw)["audio"][0, :n]
     return Transferred(out.cpu().numpy(), f0_hz.cpu().numpy(), loudness_db.cpu().numpy())

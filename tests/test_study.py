@@ -79,6 +79,9 @@ def test_optuna_with_asha_stops_a_trial_early(ray_local, synth_cache, tmp_path):
     _, _, children = child_runs(study)
     assert len(children) == 5 and not [r for r in children if r.info.status == "RUNNING"]
     assert (tmp_path / "studies" / "s" / "optuna.db").is_file()
+    report = write_report(study)
+    assert (report.parent / "s_optuna_history.png").stat().st_size > 5000
+    assert (report.parent / "s_optuna_importance.png").stat().st_size > 5000
 
 
 def test_a_failing_trial_fails_alone(ray_local, synth_cache, tmp_path):
@@ -219,3 +222,25 @@ def test_shipped_studies_validate(name):
 
     study = load_study(Path(__file__).parent.parent / "studies" / f"{name}.yaml")
     assert study.name == name and study.search.space
+
+
+def test_a_two_worker_ray_train_trial_runs_on_cpu(ray_local, synth_cache, tmp_path):
+    path = write_study(tmp_path, synth_cache, resources={"workers": 2, "cpus_per_worker": 0.5},
+                       run={"data": {"clips_per_epoch": 8}}, concurrency=1)
+    study = load_study(path)
+    results = run_study(study, verbose=0)
+    assert not results.errors and results[0].metrics["training_iteration"] == 2
+    client, _, children = child_runs(study)
+    run = children[0]
+    assert run.info.status == "FINISHED" and run.data.tags["workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")] == [0, 1]
+    from diffcraft.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(next((tmp_path / "studies" / "s" / "trials").iterdir()) / "checkpoints" / "last.pt")
+    assert state["step"] == 2 * 2  # 8 clips per epoch, 2 ranks x batch 2: 2 steps per epoch
+
+
+def test_two_workers_of_one_cpu_each_do_not_fit_two_cpus(ray_local, synth_cache, tmp_path):
+    study = load_study(write_study(tmp_path, synth_cache, resources={"workers": 2, "cpus_per_worker": 1}))
+    with pytest.raises(StudyConfigError, match=r"needs 2.01 CPUs"):
+        run_study(study, verbose=0)

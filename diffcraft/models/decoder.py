@@ -82,8 +82,11 @@ class DDSPDecoder(nn.Module):
     def forward(self, f0_hz, loudness_db, z=None) -> dict[str, torch.Tensor]:
         """-> {'audio': [batch, frames * hop], 'harmonic', 'noise' (dry parts), raw controls}."""
         f0_hz = fill_unvoiced(f0_hz.float())
-        raw = self.controls(f0_hz, loudness_db, z)
-        with torch.autocast(f0_hz.device.type, enabled=False):  # synthesis always in float32
+        return self.synthesize(f0_hz, self.controls(f0_hz, loudness_db, z))
+
+    def synthesize(self, f0_hz, raw: dict) -> dict[str, torch.Tensor]:
+        """Audio from f0 (unvoiced frames already filled) and raw controls, always in float32."""
+        with torch.autocast(f0_hz.device.type, enabled=False):
             raw = {k: v.float() for k, v in raw.items()}
             harmonic = self.harmonic(raw["amplitude_raw"], raw["distribution_raw"], f0_hz)
             noise = self.noise(raw["noise_raw"])

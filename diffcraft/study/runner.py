@@ -1,9 +1,10 @@
 """Running a study on Ray Tune: search algorithm, scheduler, resources, MLflow parent run, resume.
 
-Each trial is a Tune function trainable (`study.trial.trial_main`) that runs the training loop
-in the trial's process with `resources.cpus_per_worker` CPUs and `gpus_per_worker` GPUs. (A
-Ray Train TorchTrainer costs 8-15 s of fixed start-up per trial on this hardware; it is only worth
-it for several workers, which is the next increment: `resources.workers` > 1 is refused for now.)
+Each trial is a Tune function trainable (`study.trial.trial_main`). With `resources.workers: 1`
+it runs the training loop in its own process with `cpus_per_worker` CPUs and `gpus_per_worker`
+GPUs; with more it drives a Ray Train TorchTrainer of that many workers (DDP, gloo on CPU, NCCL
+on GPU). A TorchTrainer costs 8-15 s of fixed start-up per trial on this hardware, which is why a
+one-worker trial does without it.
 The study folder `storage/name` holds Tune's experiment state (`tune/`), each trial's run folder
 with its checkpoints (`trials/<trial id>/`, so a restarted or resumed trial continues from its
 last epoch), and `study.json` (the MLflow experiment and parent run).
@@ -44,16 +45,23 @@ def param_space(study: StudyConfig) -> dict:
 def check_resources(study: StudyConfig, cluster: dict) -> None:
     """Fail at once, with the numbers, when one trial can never be scheduled on this cluster."""
     r = study.resources
-    if r.workers > 1:
-        raise StudyConfigError(f"resources.workers: {r.workers}: trials on several Ray Train workers "
-                               "are not supported yet; use workers: 1")
-    need_cpu, need_gpu = r.workers * r.cpus_per_worker, r.workers * r.gpus_per_worker
+    need_cpu = trial_resources(study)["cpu"] + (r.workers * r.cpus_per_worker if r.workers > 1 else 0)
+    need_gpu = r.workers * r.gpus_per_worker
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if need_cpu > have_cpu or need_gpu > have_gpu:
         raise StudyConfigError(
             f"resources: one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
             f"({r.workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU), but the "
             f"Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs in all: it could never start")
+
+
+def trial_resources(study: StudyConfig) -> dict:
+    """What the Tune trial itself holds: the worker's share with one worker; with several, a
+    sliver of a CPU for the Ray Train driver (its workers hold their own)."""
+    r = study.resources
+    if r.workers > 1:
+        return {"cpu": 0.01, "gpu": 0}
+    return {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker}
 
 
 def _search_and_scheduler(study: StudyConfig):
@@ -155,11 +163,10 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
     env = {"MLFLOW_TRACKING_URI": state["tracking_uri"]}
     with ray_session(address, runtime_env={"env_vars": env}) as ray:
         check_resources(study, ray.cluster_resources())
-        r = study.resources
         trainable = tune.with_resources(
             tune.with_parameters(trial_main, study=study, experiment_id=state["experiment_id"],
                                  parent_run_id=state["parent_run_id"], tracking_uri=state["tracking_uri"]),
-            {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
+            trial_resources(study))
         if resume:
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:

@@ -89,7 +89,38 @@ def init_weights(model: torch.nn.Module, path: str) -> int:
     return len(matched)
 
 
-def _loaders(cfg: RunConfig, generator: torch.Generator):
+class ShardSampler(torch.utils.data.Sampler):
+    """Data parallelism: every rank draws the same epoch order (same seeded generator) and keeps
+    every world-th index from its rank on, so the shards are disjoint and equally long."""
+
+    def __init__(self, base, rank: int, world: int):
+        self.base, self.rank, self.world = base, rank, world
+
+    def __iter__(self):
+        order = list(self.base)
+        return iter(order[self.rank: len(order) - len(order) % self.world: self.world])
+
+    def __len__(self) -> int:
+        return len(self.base) // self.world
+
+
+def _agree(stop: bool, world: int) -> bool:
+    """Rank 0's decision to stop, shared with every rank."""
+    if world == 1:
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0])
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _loaders(cfg: RunConfig, generator: torch.Generator, rank: int = 0, world: int = 1):
     train_set = ClipDataset(cfg.data.cache, "train")
     val_set = ClipDataset(cfg.data.cache, "validation")
     if cfg.data.validation_clips and cfg.data.validation_clips < len(val_set):
@@ -97,7 +128,9 @@ def _loaders(cfg: RunConfig, generator: torch.Generator):
     n_train = cfg.data.clips_per_epoch or len(train_set)
     sampler = RandomSampler(train_set, replacement=bool(cfg.data.clips_per_epoch),
                             num_samples=n_train, generator=generator)
-    batch = min(cfg.data.batch_size, n_train)
+    if world > 1:
+        sampler = ShardSampler(sampler, rank, world)
+    batch = min(cfg.data.batch_size, max(1, len(sampler)))
     train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
                               num_workers=cfg.data.num_workers)
     val_loader = DataLoader(val_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
@@ -111,6 +144,10 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
 
     `on_epoch(metrics, checkpoint_path)` runs after each epoch's checkpoint is written; returning
     True stops the run. `extra_state` (e.g. a tracking run id) is kept in every checkpoint.
+    Inside an initialised torch.distributed group (e.g. a Ray Train worker) the model is wrapped in
+    DistributedDataParallel and each rank trains on its shard of every epoch (`data.batch_size` is
+    per rank); rank 0 evaluates and writes checkpoints; `on_epoch` runs on every rank (the others
+    get only epoch and step) and rank 0's answer to stop is broadcast.
     """
     run_dir = Path(out_dir) if out_dir else Path(cfg.out_dir) / cfg.name
     ckpt_dir = run_dir / "checkpoints"
@@ -119,11 +156,12 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator().manual_seed(cfg.train.seed)
+    rank, world = distributed_rank_world()
     model = build_model(cfg.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     mss_fn = MultiScaleSpectralLoss()
     autocast = make_autocast(device, cfg.train.precision)
-    train_loader, val_loader = _loaders(cfg, generator)
+    train_loader, val_loader = _loaders(cfg, generator, rank, world)
     total_steps = cfg.train.epochs * len(train_loader)
 
     result = TrainResult(run_dir)
@@ -145,6 +183,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
             print(f"resuming {run_dir} after epoch {state['epoch']} (step {result.step})")
     elif cfg.train.init_from:
         init_weights(model, cfg.train.init_from)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     for epoch in range(start_epoch, cfg.train.epochs):
         started, sums, n_steps = time.time(), {}, 0
@@ -156,7 +195,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
                 group["lr"] = cfg.train.lr * cfg.train.lr_decay ** (result.step / cfg.train.lr_decay_steps)
             beta = beta_at(cfg.loss, result.step, total_steps)
             with autocast():
-                out = model(batch["audio"], batch["f0_hz"], batch["loudness_db"])
+                out = net(batch["audio"], batch["f0_hz"], batch["loudness_db"])
             terms = loss_terms(out, batch, mss_fn)
             loss = total_loss(terms, cfg, beta)
             if not torch.isfinite(loss):
@@ -175,9 +214,15 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
                 sums[key] = sums.get(key, 0.0) + value
             bar.set_postfix(loss=f"{loss.item():.3f}")
         train_seconds = time.time() - started
+        if rank != 0:  # rank 0 evaluates, keeps the history and writes the checkpoints
+            result.history.append({"epoch": epoch, "step": result.step})
+            stop = bool(on_epoch({"epoch": epoch, "step": result.step}, ckpt_dir / "last.pt")) if on_epoch else False
+            if _agree(stop, world):
+                break
+            continue
         metrics = {"epoch": epoch, "step": result.step, "lr": optimizer.param_groups[0]["lr"],
                    **{k: v / max(1, n_steps) for k, v in sums.items()}, "epoch_seconds": train_seconds,
-                   "audio_seconds_per_second": n_steps * train_loader.batch_size * CLIP_SAMPLES
+                   "audio_seconds_per_second": world * n_steps * train_loader.batch_size * CLIP_SAMPLES
                    / SAMPLE_RATE / max(train_seconds, 1e-9),
                    **evaluate(model, val_loader, mss_fn, device, autocast)}
         metrics["val_loss"] = validation_loss(metrics, cfg)
@@ -195,6 +240,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
         last = save_checkpoint(ckpt_dir / "last.pt", state)
         if progress:
             print(describe_epoch(metrics, cfg.train.epochs))
-        if on_epoch is not None and on_epoch(metrics, last):
+        stop = bool(on_epoch(metrics, last)) if on_epoch is not None else False
+        if _agree(stop, world):
             break
     return result
