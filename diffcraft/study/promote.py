@@ -19,7 +19,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from diffcraft.errors import CheckpointError, ConfigError
-from diffcraft.study.runner import _load_state
+from diffcraft.study.runner import started_state
 from diffcraft.study.schema import StudyConfig, StudyConfigError
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
@@ -72,12 +72,10 @@ def promote(study: StudyConfig, metric: str | None = None, mode: str | None = No
     """Pick, verify and register the best finished trial (or the named `trial`)."""
     from diffcraft.transfer import model_from_checkpoint
     from diffcraft.train.evaluate import evaluate
-    from diffcraft.train.loop import _loaders, make_autocast, validation_loss
+    from diffcraft.train.loop import make_autocast, make_loaders, validation_loss
     from diffcraft.losses import MultiScaleSpectralLoss
 
-    state = _load_state(study.directory)
-    if state is None:
-        raise StudyConfigError(f"{study.directory}: study {study.name!r} has not been started")
+    state = started_state(study)
     metric = metric or study.objective.metric
     mode = mode or study.objective.mode
     if mode not in ("min", "max"):
@@ -123,7 +121,7 @@ def promote(study: StudyConfig, metric: str | None = None, mode: str | None = No
         import torch
 
         torch.manual_seed(cfg.train.seed)
-        _, val_loader = _loaders(cfg, torch.Generator().manual_seed(cfg.train.seed))
+        _, val_loader = make_loaders(cfg, torch.Generator().manual_seed(cfg.train.seed))
         remeasured = evaluate(model, val_loader, MultiScaleSpectralLoss(), torch.device("cpu"),
                               make_autocast(torch.device("cpu"), cfg.train.precision))
         remeasured["val_loss"] = validation_loss(remeasured, cfg)

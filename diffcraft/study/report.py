@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from diffcraft.study.runner import _load_state
-from diffcraft.study.schema import StudyConfig, StudyConfigError
+from diffcraft.study.runner import started_state
+from diffcraft.study.schema import StudyConfig
 
 
 @dataclass
@@ -25,16 +25,9 @@ class TrialRecord:
     collapsed: bool
 
 
-def _state(study: StudyConfig) -> dict:
-    state = _load_state(study.directory)
-    if state is None:
-        raise StudyConfigError(f"{study.directory}: study {study.name!r} has not been started")
-    return state
-
-
 def trial_records(study: StudyConfig) -> list[TrialRecord]:
     """Every trial's run with its values at its best epoch (by the study objective)."""
-    state = _state(study)
+    state = started_state(study)
     client = MlflowClient(state["tracking_uri"])
     runs = client.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
                               max_results=10000)
@@ -108,7 +101,7 @@ REPORT_METRICS = ("val_mss_mean", "val_rpa", "val_rca", "val_loudness_mae_db", "
 def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
     """A table like the paper's: per configuration, each metric as mean ± SE (SD) over validation
     clips and seeds; markdown and CSV, logged to the study's parent run."""
-    state = _state(study)
+    state = started_state(study)
     records = [r for r in trial_records(study) if r.best]
     out_dir = Path(out_dir or study.directory / "report")
     out_dir.mkdir(parents=True, exist_ok=True)

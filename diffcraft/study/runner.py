@@ -85,12 +85,20 @@ def _search_and_scheduler(study: StudyConfig):
     return search, scheduler
 
 
-def _load_state(study_dir: Path) -> dict | None:
+def load_state(study_dir: Path) -> dict | None:
     path = study_dir / STATE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _save_state(study_dir: Path, state: dict) -> None:
+def started_state(study: StudyConfig) -> dict:
+    """The saved state of a study that has been started, or an error saying it has not."""
+    state = load_state(study.directory)
+    if state is None:
+        raise StudyConfigError(f"{study.directory}: study {study.name!r} has not been started")
+    return state
+
+
+def save_state(study_dir: Path, state: dict) -> None:
     study_dir.mkdir(parents=True, exist_ok=True)
     tmp = study_dir / f".{STATE}.tmp"
     tmp.write_text(json.dumps(state, indent=1))
@@ -101,7 +109,7 @@ def open_study(study: StudyConfig) -> dict:
     """The study's MLflow experiment and parent run (created once, reused on resume)."""
     from mlflow.tracking import MlflowClient
 
-    state = _load_state(study.directory)
+    state = load_state(study.directory)
     if state is not None:
         return state
     uri = default_tracking_uri(study.mlflow.tracking_uri)
@@ -113,7 +121,7 @@ def open_study(study: StudyConfig) -> dict:
     client.log_dict(parent.info.run_id, asdict(study), "study.yaml")
     state = {"name": study.name, "tracking_uri": uri, "experiment_id": exp,
              "parent_run_id": parent.info.run_id, "study": asdict(study), "created": time.time()}
-    _save_state(study.directory, state)
+    save_state(study.directory, state)
     return state
 
 
@@ -194,7 +202,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
 
 def study_from_storage(name: str, storage: str = "studies") -> StudyConfig:
     """The StudyConfig saved when study `name` was started in `storage`."""
-    state = _load_state(Path(storage).resolve() / name)
+    state = load_state(Path(storage).resolve() / name)
     if state is None:
         raise StudyConfigError(f"{Path(storage).resolve() / name}: no study called {name!r} here")
     return from_dict(StudyConfig, state["study"])

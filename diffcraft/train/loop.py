@@ -120,7 +120,7 @@ def distributed_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _loaders(cfg: RunConfig, generator: torch.Generator, rank: int = 0, world: int = 1):
+def make_loaders(cfg: RunConfig, generator: torch.Generator, rank: int = 0, world: int = 1):
     train_set = ClipDataset(cfg.data.cache, "train")
     val_set = ClipDataset(cfg.data.cache, "validation")
     if cfg.data.validation_clips and cfg.data.validation_clips < len(val_set):
@@ -161,7 +161,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     mss_fn = MultiScaleSpectralLoss()
     autocast = make_autocast(device, cfg.train.precision)
-    train_loader, val_loader = _loaders(cfg, generator, rank, world)
+    train_loader, val_loader = make_loaders(cfg, generator, rank, world)
     total_steps = cfg.train.epochs * len(train_loader)
 
     result = TrainResult(run_dir)
