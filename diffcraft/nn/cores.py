@@ -25,12 +25,13 @@ class GRUCore(nn.Module):
 
 
 class MambaCore(nn.Module):
-    """Projection to `width`, then pre-norm residual Mamba blocks, then a final LayerNorm."""
+    """Projection to `width` (none when the input already has it), then pre-norm residual Mamba
+    blocks, then a final LayerNorm."""
 
     def __init__(self, input_size: int, width: int, n_layers: int = 1, d_state: int = 16,
                  expand: int = 2):
         super().__init__()
-        self.proj = nn.Linear(input_size, width)
+        self.proj = nn.Linear(input_size, width) if input_size != width else nn.Identity()
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(n_layers))
         self.blocks = nn.ModuleList(Mamba(width, d_state=d_state, expand=expand) for _ in range(n_layers))
         self.norm_out = nn.LayerNorm(width)
