@@ -94,41 +94,18 @@ def _cmd_promote(args) -> None:
 
 
 def _cmd_transfer(args) -> None:
-    import time
-
-    from diffcraft.audio.io import load_audio, write_wav
-    from diffcraft.errors import AudioError
     from diffcraft.study.promote import checkpoint_for
-    from diffcraft.transfer import model_from_checkpoint, timbre_transfer
-
     from diffcraft.study.tracking import default_tracking_uri
+    from diffcraft.transfer import model_from_checkpoint, transfer_files
 
     model, _ = model_from_checkpoint(checkpoint_for(args.model, default_tracking_uri(args.tracking_uri or "")))
-    f0_source = args.f0 if args.f0 != "auto" else ("encoder" if model.encoder is not None else "crepe")
-    args.out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for path in args.inputs:
-        try:
-            audio = load_audio(path)
-        except AudioError as err:
-            print(f"diffcraft: skipped {err}", file=sys.stderr)
-            failed += 1
-            continue
-        started = time.perf_counter()
-        out = timbre_transfer(model, audio, f0_source, args.pitch_shift, args.loudness_offset, args.crepe_model)
-        seconds = time.perf_counter() - started
-        target = write_wav(args.out / f"{path.stem}_transfer.wav", out.audio / max(1.0, float(abs(out.audio).max())))
-        line = (f"{path} -> {target}  ({len(audio) / 16000:.1f} s of audio in {seconds:.1f} s, "
-                f"real-time factor {seconds / (len(audio) / 16000):.3f}, F0 from {f0_source})")
-        if args.plot:
-            from diffcraft.plots import spectrogram_figure
-
-            figure = spectrogram_figure(args.out / f"{path.stem}_transfer.png", audio, out.audio, out.f0_hz,
-                                        f"{path.name}: input (F0 used) and transfer", ("input", "transfer"))
-            line += f", plot {figure}"
-        print(line)
-    if failed:
-        raise SystemExit(1 if failed == len(args.inputs) else 0)
+    done, errors = transfer_files(args.inputs, model, args.out, args.f0, args.pitch_shift, args.loudness_offset,
+                                  args.crepe_model, args.plot)
+    print("\n".join(done))
+    for error in errors:
+        print(f"diffcraft: skipped {error}", file=sys.stderr)
+    if errors and not done:
+        raise SystemExit(1)
 
 
 def _cmd_quickstart(args) -> None:

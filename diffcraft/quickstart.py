@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from diffcraft.audio.io import load_audio, write_wav
+from diffcraft.audio.io import write_wav
 from diffcraft.data.prepare import PrepareConfig, prepare
 from diffcraft.data.synthetic import render_phrase, write_dataset
 from diffcraft.errors import DataError
@@ -16,7 +16,7 @@ from diffcraft.study.report import status_lines, write_report
 from diffcraft.study.runner import run_study
 from diffcraft.study.schema import load_study
 from diffcraft.study.tracking import default_tracking_uri
-from diffcraft.transfer import model_from_checkpoint, timbre_transfer
+from diffcraft.transfer import model_from_checkpoint, transfer_files
 
 QUICKSTART_STUDY = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
 
@@ -42,16 +42,11 @@ def quickstart(workdir: Path, seconds_per_stem: float = 24.0) -> Path:
     uri = f"models:/{promoted.name}@{promoted.alias}"
     print(f"[quickstart] promoted trial {promoted.trial} ({promoted.metric} {promoted.value:.4f}) as {uri} "
           f"(version {promoted.version})")
-    phrase = workdir / "transfer" / "phrase_input.wav"
-    write_wav(phrase, render_phrase(seed=12345, seconds=8.0, sample_rate=16000).audio)
+    phrase = write_wav(workdir / "transfer" / "phrase.wav", render_phrase(seed=12345, seconds=8.0, sample_rate=16000).audio)
     tracking = default_tracking_uri(study.mlflow.tracking_uri)
     model, _ = model_from_checkpoint(checkpoint_for(uri, tracking))
-    start = time.perf_counter()
-    out = timbre_transfer(model, load_audio(phrase), f0_source="crepe", pitch_shift=-12.0, crepe_model="tiny")
-    seconds = time.perf_counter() - start
-    target = write_wav(phrase.with_name("phrase_transfer.wav"), out.audio / max(1.0, float(abs(out.audio).max())))
-    print(f"[quickstart] transferred {phrase} an octave down with {uri}: {target} "
-          f"(real-time factor {seconds / 8.0:.3f})")
+    done, _ = transfer_files([phrase], model, phrase.parent, "crepe", pitch_shift=-12.0, crepe_model="tiny", plot=True)
+    print(f"[quickstart] transferred a synthetic phrase an octave down with {uri}: {done[0]}")
     print(f"[quickstart] done in {time.time() - started:.0f} s. Open the runs in the MLflow UI with:\n"
           f"    mlflow ui --backend-store-uri {tracking} --port 5000\n"
           f"and browse http://127.0.0.1:5000 (experiment '{study.name}', model '{promoted.name}').")

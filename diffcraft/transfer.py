@@ -117,3 +117,41 @@ def timbre_transfer(model: DiffCraft, audio, f0_source: str = "encoder", pitch_s
     raw = {k: v[None] for k, v in zip(names, joined.split(sizes, -1))}
     out = decoder.synthesize(f0_hz[None], raw)["audio"][0, :n]
     return Transferred(out.cpu().numpy(), f0_hz.cpu().numpy(), loudness_db.cpu().numpy())
+
+
+def transfer_files(inputs: list[Path], model: DiffCraft, out_dir: Path, f0_source: str = "auto",
+                   pitch_shift: float = 0.0, loudness_offset: float = 0.0, crepe_model: str = "full",
+                   plot: bool = False) -> tuple[list[str], list[str]]:
+    """Transfer each input file into out_dir/<name>_transfer.wav (and a PNG with `plot`).
+    Returns (one line per written file with its real-time factor, one error per skipped file):
+    a bad file is reported by name and the others go on."""
+    import time
+
+    from diffcraft.audio.io import load_audio, write_wav
+    from diffcraft.errors import AudioError
+
+    source = f0_source if f0_source != "auto" else ("encoder" if model.encoder is not None else "crepe")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done, errors = [], []
+    for path in inputs:
+        try:
+            audio = load_audio(path)
+        except AudioError as err:
+            errors.append(str(err))
+            continue
+        started = time.perf_counter()
+        out = timbre_transfer(model, audio, source, pitch_shift, loudness_offset, crepe_model)
+        seconds = time.perf_counter() - started
+        peak = max(1.0, float(np.abs(out.audio).max()))
+        target = write_wav(out_dir / f"{Path(path).stem}_transfer.wav", out.audio / peak)
+        line = (f"{path} -> {target}  ({len(audio) / 16000:.1f} s of audio in {seconds:.1f} s, "
+                f"real-time factor {seconds / (len(audio) / 16000):.3f}, F0 from {source})")
+        if plot:
+            from diffcraft.plots import spectrogram_figure
+
+            figure = spectrogram_figure(out_dir / f"{Path(path).stem}_transfer.png", audio, out.audio, out.f0_hz,
+                                        f"{Path(path).name}: input with the F0 used (after any pitch shift), and transfer",
+                                        ("input", "transfer"))
+            line += f", plot {figure}"
+        done.append(line)
+    return done, errors

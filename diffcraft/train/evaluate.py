@@ -45,9 +45,9 @@ def evaluate(model, loader, mss_fn, device, autocast) -> dict:
                 f0_true.append(batch["f0_hz"].cpu())
                 voiced.append((batch["voicing"] >= VOICED).cpu())
                 loud_err.append((out["loudness_db"] - batch["loudness_db"]).abs().mean(-1).cpu())
-                heads = out["latents"].values()
-                mus.append(torch.cat([h["mu"].float() for h in heads], -1).reshape(-1, sum(
-                    h["mu"].shape[-1] for h in out["latents"].values())).cpu())
+                heads = list(out["latents"].values())
+                mu = torch.cat([h["mu"].float() for h in heads], -1)
+                mus.append(mu.reshape(-1, mu.shape[-1]).cpu())
                 kl = latent_kl_dims(out["latents"])
                 if kl is not None:
                     kls.append(kl.cpu())
