@@ -1,17 +1,12 @@
 """Losses shared by training and evaluation."""
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import nn
 
+from diffcraft.audio.features import hann_window, scale_loudness
+
 FFT_SIZES = (2048, 1024, 512, 256, 128, 64)
-
-
-@lru_cache(maxsize=32)
-def _hann(size: int, device: str) -> torch.Tensor:
-    return torch.hann_window(size, device=device)
 
 
 def magnitude_spectrogram(audio: torch.Tensor, n_fft: int, overlap: float = 0.75,
@@ -23,7 +18,7 @@ def magnitude_spectrogram(audio: torch.Tensor, n_fft: int, overlap: float = 0.75
     n = audio.shape[-1]
     frames = 1 + max(0, -(-(n - n_fft) // hop))
     padded = torch.nn.functional.pad(audio, (0, (frames - 1) * hop + n_fft - n))
-    spec = torch.fft.rfft(padded.unfold(-1, n_fft, hop) * _hann(n_fft, str(audio.device)))
+    spec = torch.fft.rfft(padded.unfold(-1, n_fft, hop) * hann_window(n_fft, str(audio.device)))
     return torch.view_as_real(spec).square().sum(-1).add(eps).sqrt()
 
 
@@ -75,7 +70,7 @@ def f0_loss(logits: torch.Tensor, f0_hz: torch.Tensor, voiced: torch.Tensor) -> 
 
 def loudness_loss(pred_db: torch.Tensor, true_db: torch.Tensor) -> torch.Tensor:
     """MSE + MAE on loudness scaled to [0, 1] (dB / 80 + 1)."""
-    diff = (pred_db - true_db) / 80.0
+    diff = scale_loudness(pred_db) - scale_loudness(true_db)
     return diff.square().mean() + diff.abs().mean()
 
 

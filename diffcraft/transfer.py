@@ -142,8 +142,7 @@ def transfer_files(inputs: list[Path], model: DiffCraft, out_dir: Path, f0_sourc
         started = time.perf_counter()
         out = timbre_transfer(model, audio, source, pitch_shift, loudness_offset, crepe_model)
         seconds = time.perf_counter() - started
-        peak = max(1.0, float(np.abs(out.audio).max()))
-        target = write_wav(out_dir / f"{Path(path).stem}_transfer.wav", out.audio / peak)
+        target = write_wav(out_dir / f"{Path(path).stem}_transfer.wav", out.audio, limit_peak=True)
         line = (f"{path} -> {target}  ({len(audio) / 16000:.1f} s of audio in {seconds:.1f} s, "
                 f"real-time factor {seconds / (len(audio) / 16000):.3f}, F0 from {source})")
         if plot:

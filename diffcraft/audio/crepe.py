@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffcraft import HOP_LENGTH, SAMPLE_RATE
+from diffcraft.audio.features import peak_weighted_hz
 
 CREPE_CENTS_OFFSET = 1997.3794084376191  # cents above 10 Hz of CREPE bin 0 (31.70 Hz)
 CREPE_BINS = 360
@@ -58,13 +59,8 @@ def load_torchcrepe():
 
 def decode_weighted_argmax(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """probs: [n_frames, 360] -> (f0_hz [n_frames], periodicity [n_frames])."""
-    peak = probs.argmax(dim=1, keepdim=True)
-    bins = torch.arange(CREPE_BINS, device=probs.device)[None, :]
-    near = (bins - peak).abs() <= 4
-    weights = probs * near
-    cents = CENTS_PER_BIN * bins + CREPE_CENTS_OFFSET
-    mean_cents = (weights * cents).sum(1) / weights.sum(1).clamp_min(1e-8)
-    return 10.0 * 2.0 ** (mean_cents / 1200.0), probs.max(dim=1).values
+    cents = CENTS_PER_BIN * torch.arange(CREPE_BINS, device=probs.device) + CREPE_CENTS_OFFSET
+    return peak_weighted_hz(probs, cents), probs.max(dim=1).values
 
 
 def crepe_pitch(audio, model: str = "full", batch_size: int = 512, device: str = "cpu",

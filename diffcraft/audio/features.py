@@ -30,9 +30,10 @@ def _batched(audio) -> tuple[torch.Tensor, bool]:
     return (audio[None], True) if audio.dim() == 1 else (audio, False)
 
 
-@lru_cache(maxsize=16)
-def _window(win_length: int, device: str) -> torch.Tensor:
-    return torch.hann_window(win_length, device=device)
+@lru_cache(maxsize=32)
+def hann_window(size: int, device: str) -> torch.Tensor:
+    """A periodic Hann window, made once per size and device."""
+    return torch.hann_window(size, device=device)
 
 
 def stft(audio, n_fft: int = N_FFT, win_length: int = WIN_LENGTH,
@@ -43,7 +44,7 @@ def stft(audio, n_fft: int = N_FFT, win_length: int = WIN_LENGTH,
     """
     audio, squeeze = _batched(audio)
     spec = torch.stft(audio, n_fft, hop_length=hop_length, win_length=win_length,
-                      window=_window(win_length, str(audio.device)), center=True,
+                      window=hann_window(win_length, str(audio.device)), center=True,
                       pad_mode="constant", return_complex=True)
     spec = spec[..., : n_frames(audio.shape[-1], hop_length)].transpose(1, 2)
     return spec[0] if squeeze else spec
@@ -77,7 +78,7 @@ def a_weighted_loudness(audio, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FF
     bins = torch.full((n_fft // 2 + 1,), 2.0, device=audio.device)
     bins[0] = bins[-1] = 1.0  # DC and Nyquist appear once in the two-sided spectrum
     weight = bins * _a_weighting_power(n_fft, sample_rate, str(audio.device))
-    window_energy = float((_window(win_length, str(audio.device)) ** 2).sum())
+    window_energy = float((hann_window(win_length, str(audio.device)) ** 2).sum())
     mean_power = (power * weight).sum(-1) / (n_fft * window_energy)
     loudness = 10 * torch.log10(mean_power.clamp_min(10 ** (LOUDNESS_FLOOR_DB / 10)))
     return loudness[0] if squeeze else loudness
@@ -86,6 +87,11 @@ def a_weighted_loudness(audio, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FF
 def scale_loudness(loudness_db: torch.Tensor) -> torch.Tensor:
     """What the networks see: [-80, 0] dB mapped to [0, 1]."""
     return loudness_db / -LOUDNESS_FLOOR_DB + 1.0
+
+
+def unscale_loudness(scaled: torch.Tensor) -> torch.Tensor:
+    """The inverse of scale_loudness: [0, 1] back to dB."""
+    return (scaled - 1.0) * -LOUDNESS_FLOOR_DB
 
 
 # ---------------------------------------------------------------- PCCC
@@ -161,5 +167,16 @@ def cents_to_hz(cents, ref_hz: float = 10.0):
     if isinstance(cents, torch.Tensor):
         return ref_hz * torch.pow(2.0, cents / 1200.0)
     return ref_hz * 2.0 ** (np.asarray(cents) / 1200.0)
+
+
+def peak_weighted_hz(probabilities: torch.Tensor, bin_cents: torch.Tensor, window: int = 4) -> torch.Tensor:
+    """Pitch from a distribution over pitch bins: the probability-weighted mean of the bin cents
+    within `window` bins of the most probable bin (CREPE's decoding; kept local so that mass on a
+    far octave does not drag the estimate between notes). [..., n_bins] -> Hz [...]."""
+    peak = probabilities.argmax(-1, keepdim=True)
+    bins = torch.arange(probabilities.shape[-1], device=probabilities.device)
+    weights = probabilities * ((bins - peak).abs() <= window)
+    cents = (weights * bin_cents).sum(-1) / weights.sum(-1).clamp_min(1e-8)
+    return cents_to_hz(cents)
 
 

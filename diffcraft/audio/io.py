@@ -67,11 +67,14 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_samples: in
     return validate_audio(audio, path, min_samples)
 
 
-def write_wav(path: str | Path, audio, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write mono float audio as 16-bit PCM wav, atomically (temp file, then rename)."""
+def write_wav(path: str | Path, audio, sample_rate: int = SAMPLE_RATE, limit_peak: bool = False) -> Path:
+    """Write mono float audio as 16-bit PCM wav, atomically (temp file, then rename). Samples
+    beyond ±1 are clipped, or with `limit_peak` the whole signal is scaled down to peak at 1."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if limit_peak and audio.size:
+        audio = audio / max(1.0, float(np.abs(audio).max()))
     tmp = path.with_name(f".{path.name}.tmp")
     sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
     tmp.replace(path)

@@ -114,8 +114,8 @@ def harmonic_synthesis(f0_hz: torch.Tensor, amplitudes: torch.Tensor, hop: int,
              and not f0_hz.requires_grad)
     if fused:
         return _FusedHarmonicBank.apply(amplitudes, phase, f0_samples.detach(), hop, sample_rate)
-    omega = f0_samples * (TWO_PI / sample_rate)  # differentiable phase with the float64 offsets
-    phase = phase + (torch.cumsum(omega, -1) - torch.cumsum(omega, -1).detach())
+    cumulative = torch.cumsum(f0_samples * (TWO_PI / sample_rate), -1)
+    phase = phase + (cumulative - cumulative.detach())  # float64 phase values, differentiable in f0
     sines = _harmonic_sines(phase, f0_samples, amplitudes.shape[-1], sample_rate)
     return (sines * upsample_frames(amplitudes, hop, "linear")).sum(-1)
 

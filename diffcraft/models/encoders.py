@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from diffcraft import HOP_LENGTH
-from diffcraft.audio.features import LOUDNESS_FLOOR_DB, PCCC_COEFFS, log_magnitude_stft, pccc
+from diffcraft.audio.features import PCCC_COEFFS, log_magnitude_stft, pccc, unscale_loudness
 from diffcraft.errors import ConfigError
 from diffcraft.models import pitch
 from diffcraft.nn.cores import CORES, make_core
@@ -113,7 +113,7 @@ class LoudnessDecoder(nn.Module):
         self.net = dense_tanh(latent_size, hidden, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return (self.net(z)[..., 0] - 1.0) * -LOUDNESS_FLOOR_DB
+        return unscale_loudness(self.net(z)[..., 0])
 
 
 class AudioEncoder(nn.Module):
@@ -156,9 +156,3 @@ class AudioEncoder(nn.Module):
     def forward(self, audio: torch.Tensor) -> dict:
         latents = self.latents(audio)
         return {**self.decode(*self.split(latents)), "latents": latents}
-
-
-def make_encoder(cfg: EncoderConfig) -> AudioEncoder:
-    return AudioEncoder(cfg)
-
-

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from diffcraft.errors import CheckpointError, ConfigError
 from diffcraft.study.runner import started_state
+from diffcraft.study.tracking import metric_at, trial_runs
 from diffcraft.study.schema import StudyConfig, StudyConfigError
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
@@ -49,14 +50,9 @@ def parse_constraint(text: str) -> tuple[str, str, float]:
     return metric, op, float(value)
 
 
-def _value_at(client: MlflowClient, run_id: str, metric: str, step: int) -> float | None:
-    values = [m.value for m in client.get_metric_history(run_id, metric) if m.step == step]
-    return values[-1] if values else None
-
-
 def _resolve(client, run_id: str, metric: str, step: int) -> tuple[str, float | None]:
     for name in (metric, f"val_{metric}"):
-        value = _value_at(client, run_id, name, step)
+        value = metric_at(client, run_id, name, step)
         if value is not None:
             return name, value
     return metric, None
@@ -82,8 +78,7 @@ def promote(study: StudyConfig, metric: str | None = None, mode: str | None = No
         raise ConfigError(f"--mode {mode!r} is not min or max")
     constraints = [parse_constraint(w) for w in where]
     client = MlflowClient(state["tracking_uri"])
-    runs = client.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
-                              max_results=10000)
+    runs = trial_runs(client, state)
     if trial is not None:
         runs = [r for r in runs if trial in (r.data.tags.get("trial_id"), r.data.tags.get("trial_name"), r.info.run_id)]
         if not runs:

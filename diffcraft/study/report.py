@@ -9,6 +9,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from diffcraft.study.runner import started_state
+from diffcraft.study.tracking import metric_at, trial_runs
 from diffcraft.study.schema import StudyConfig
 
 
@@ -29,8 +30,7 @@ def trial_records(study: StudyConfig) -> list[TrialRecord]:
     """Every trial's run with its values at its best epoch (by the study objective)."""
     state = started_state(study)
     client = MlflowClient(state["tracking_uri"])
-    runs = client.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
-                              max_results=10000)
+    runs = trial_runs(client, state)
     objective, mode = study.objective.metric, study.objective.mode
     searched = set(study.search.space) | ({"train.seed"} if study.search.seeds > 1 else set())
     records = []
@@ -43,10 +43,10 @@ def trial_records(study: StudyConfig) -> list[TrialRecord]:
         best = {}
         if best_step is not None:
             for key in run.data.metrics:
-                if key.startswith("val_") or key.startswith("train_"):
-                    values = [m.value for m in client.get_metric_history(run.info.run_id, key) if m.step == best_step]
-                    if values:
-                        best[key] = values[-1]  # a resumed epoch may be logged twice: keep the last
+                if key.startswith(("val_", "train_")):
+                    value = metric_at(client, run.info.run_id, key, best_step)
+                    if value is not None:
+                        best[key] = value
         params = {k: v for k, v in run.data.params.items() if k.removeprefix("run.") in searched or k in searched}
         records.append(TrialRecord(run.info.run_id, run.data.tags.get("trial_name", run.info.run_name), run.info.status,
                                    params, run.data.tags.get("config_group", ""), run.data.tags.get("seed", ""),

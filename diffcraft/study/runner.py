@@ -19,7 +19,7 @@ from pathlib import Path
 
 from diffcraft.config import from_dict
 from diffcraft.study.schema import StudyConfig, StudyConfigError, parse_distribution
-from diffcraft.study.tracking import code_version, default_tracking_uri, experiment_id
+from diffcraft.study.tracking import code_version, default_tracking_uri, experiment_id, trial_runs
 
 STATE = "study.json"
 
@@ -132,8 +132,7 @@ def finalize_runs(state: dict, results) -> dict[str, int]:
 
     client = MlflowClient(state["tracking_uri"])
     errored = {r.metrics.get("trial_id") for r in results if r.error} if results is not None else set()
-    runs = client.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
-                              max_results=10000)
+    runs = trial_runs(client, state)
     counts: dict[str, int] = {}
     for run in runs:
         status = run.info.status

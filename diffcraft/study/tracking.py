@@ -67,6 +67,18 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
+def trial_runs(client: MlflowClient, state: dict) -> list:
+    """The MLflow runs of a study's trials (the children of its parent run)."""
+    return client.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
+                              max_results=10000)
+
+
+def metric_at(client: MlflowClient, run_id: str, key: str, step: int) -> float | None:
+    """A run's value of `key` at `step` (an epoch logged twice after a resume: the last one)."""
+    values = [m.value for m in client.get_metric_history(run_id, key) if m.step == step]
+    return values[-1] if values else None
+
+
 class TrialRun:
     """The MLflow run of one trial."""
 

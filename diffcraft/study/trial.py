@@ -7,7 +7,6 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffcraft.study.schema import StudyConfig, config_hash, run_config
@@ -71,8 +70,7 @@ def log_trial_artifacts(run: TrialRun, out_dir: Path, cfg) -> None:
             run.log_artifact(spectrogram_figure(figures / f"spectrogram_{i}.png", clip["audio"], synth, f0,
                                                 f"validation clip {i}"), "figures")
             run.log_artifact(write_wav(out_dir / "audio" / f"clip{i}_truth.wav", clip["audio"].numpy()), "audio")
-            run.log_artifact(write_wav(out_dir / "audio" / f"clip{i}_synth.wav",
-                                       synth / max(1.0, float(np.abs(synth).max()))), "audio")
+            run.log_artifact(write_wav(out_dir / "audio" / f"clip{i}_synth.wav", synth, limit_peak=True), "audio")
 
 
 def epoch_reporter(study: StudyConfig, run: TrialRun | None, report_fn):

@@ -9,16 +9,16 @@ from diffcraft.train.objective import VOICED, latent_kl_dims, loss_terms
 MAX_LATENT_FRAMES = 200_000  # posterior means kept for active units (a random subset beyond)
 
 
-def _shuffle_gap(model, out: dict, batch: dict, mss_fn) -> float | None:
-    """Supervised F0 + loudness loss with z rolled across the batch, minus the loss with its own z:
-    about 0 when the decoders ignore z, whatever the KL says."""
-    if out.get("latents") is None or batch["audio"].shape[0] < 2:
+def _shuffle_gap(model, out: dict, terms: dict, batch: dict, mss_fn) -> float | None:
+    """Supervised F0 + loudness loss with z rolled across the batch, minus the loss with its own z
+    (`terms`, already measured on this batch): about 0 when the decoders ignore z, whatever the
+    KL says."""
+    if batch["audio"].shape[0] < 2:
         return None
     encoder = model.encoder
-    own = loss_terms(encoder.decode(*encoder.split(out["latents"])) | {"latents": {}}, batch, mss_fn)
     shuffled = {name: {**head, "z": head["z"].roll(1, dims=0)} for name, head in out["latents"].items()}
     other = loss_terms(encoder.decode(*encoder.split(shuffled)) | {"latents": {}}, batch, mss_fn)
-    return float(other["f0_loss"] + other["loudness_loss"] - own["f0_loss"] - own["loudness_loss"])
+    return float(other["f0_loss"] + other["loudness_loss"] - terms["f0_loss"] - terms["loudness_loss"])
 
 
 def evaluate(model, loader, mss_fn, device, autocast) -> dict:
@@ -52,7 +52,7 @@ def evaluate(model, loader, mss_fn, device, autocast) -> dict:
                 if kl is not None:
                     kls.append(kl.cpu())
                     sigmas.append(torch.cat([torch.exp(0.5 * h["logvar"]).mean().reshape(1) for h in heads]).mean())
-                gap = _shuffle_gap(model, out, batch, mss_fn)
+                gap = _shuffle_gap(model, out, terms, batch, mss_fn)
                 if gap is not None:
                     gaps.append(gap)
     model.train()
