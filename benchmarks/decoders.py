@@ -3,7 +3,8 @@
 For each core (a fresh subprocess each, so peak memory is the core's own): the whole decoder
 step at the default size (batch 16 x 4 s, width 512, 100 harmonics, 65 noise bands, 3 s reverb)
 with its multi-scale spectral loss and an Adam step; audio-seconds trained per wall-second; peak
-memory (RSS on CPU, allocated on CUDA); and the core alone (forward + backward at width 512).
+memory (RSS on CPU, allocated on CUDA). Then the cores alone (forward + backward at width 512),
+timed round-robin in one process, so a machine whose speed drifts slows every core alike.
 
 Run: python benchmarks/decoders.py [--device cpu|cuda] [--precision fp32|bf16] [--steps 5]
 """
@@ -26,7 +27,6 @@ BATCH, FRAMES, WIDTH = 16, 400, 512
 def measure(core: str, device: str, precision: str, steps: int) -> dict:
     from diffcraft.losses import MultiScaleSpectralLoss
     from diffcraft.models.decoder import DDSPDecoder, DecoderConfig
-    from diffcraft.nn import make_core
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -62,18 +62,35 @@ def measure(core: str, device: str, precision: str, steps: int) -> dict:
     step_s = timed(step, steps)
     peak_mb = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    core_only = make_core(core, WIDTH, WIDTH).to(dev)
-    x = torch.randn(BATCH, FRAMES, WIDTH, device=dev)
+    return {"core": core, "step_s": step_s, "audio_s_per_s": BATCH * 4.0 / step_s, "peak_mb": peak_mb,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
-    def core_step():
+
+def cores_alone(device: str, precision: str, rounds: int) -> dict[str, float]:
+    """Median forward + backward seconds of each core alone, the cores taking turns."""
+    from diffcraft.nn import make_core
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    x = torch.randn(BATCH, FRAMES, WIDTH, device=dev)
+    cores = {name: make_core(name, WIDTH, WIDTH).to(dev) for name in CORES}
+
+    def run(core):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            y = core_only(x)
+            y = core(x)
         y.float().square().mean().backward()
 
-    timed(core_step, 2)
-    return {"core": core, "step_s": step_s, "audio_s_per_s": BATCH * 4.0 / step_s, "peak_mb": peak_mb,
-            "core_s": timed(core_step, steps),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    times = {name: [] for name in CORES}
+    for round_ in range(rounds + 2):  # two warm-up rounds
+        for name, core in cores.items():
+            sync()
+            start = time.perf_counter()
+            run(core)
+            sync()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -89,13 +106,19 @@ def main() -> None:
     print(f"device {args.device}, precision {args.precision}, batch {BATCH} x 4 s, width {WIDTH}, "
           f"torch threads {torch.get_num_threads()}, median of {args.steps} steps")
     print(f"{'core':8s} {'params M':>8s} {'step s':>8s} {'audio-s/s':>10s} {'peak MB':>8s} {'core fwd+bwd s':>15s}")
+    rows = []
     for core in CORES:
         out = subprocess.run([sys.executable, __file__, "--one", core, "--device", args.device,
                               "--precision", args.precision, "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    core_s = cores_alone(args.device, args.precision, 2 * args.steps)
+    for r in rows:
         print(f"{r['core']:8s} {r['params_m']:8.2f} {r['step_s']:8.3f} {r['audio_s_per_s']:10.1f} "
-              f"{r['peak_mb']:8.0f} {r['core_s']:15.3f}")
+              f"{r['peak_mb']:8.0f} {core_s[r['core']]:15.3f}")
+    print(f"core alone, mamba / gru: {core_s['mamba'] / core_s['gru']:.2f}; "
+          f"bimamba / bigru: {core_s['bimamba'] / core_s['bigru']:.2f} "
+          f"(median of {2 * args.steps} rounds, cores in turn)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from diffcraft.nn import CORES, Mamba, make_core
+from diffcraft.nn.conv import causal_conv_silu
 from diffcraft.nn.scan import selective_scan
 
 # mamba_ssm.modules.mamba_simple.Mamba(d_model=64) state_dict: names and shapes
@@ -43,9 +44,29 @@ def test_fused_scan_equals_step_by_step_recurrence_in_value_and_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("length", [2, 37])  # shorter than the taps; a full block and a partial one
+def test_fused_causal_conv_equals_conv1d_in_value_and_gradients(length):
+    torch.manual_seed(0)
+    channels, taps = 150, 4
+    conv = torch.nn.Conv1d(channels, channels, taps, groups=channels, padding=taps - 1)
+    xz = torch.randn(3, length, 2 * channels)
+    x_fused, x_plain = xz.clone().requires_grad_(), xz.clone().requires_grad_()
+    weight, bias = (p.detach().clone().requires_grad_() for p in (conv.weight, conv.bias))
+    fused = causal_conv_silu(x_fused[..., :channels], weight, bias, impl="fused")  # a strided view
+    plain = torch.nn.functional.silu(conv(x_plain[..., :channels].transpose(1, 2))[..., :length])
+    plain = plain.transpose(1, 2)
+    assert torch.allclose(fused, plain, atol=1e-6)
+    weights = torch.randn_like(fused)
+    (fused * weights).sum().backward()
+    (plain * weights).sum().backward()
+    assert torch.allclose(x_fused.grad, x_plain.grad, atol=1e-5)
+    assert torch.allclose(weight.grad, conv.weight.grad, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(bias.grad, conv.bias.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_mamba_module_fused_equals_reference_path():
     torch.manual_seed(1)
-    fused, plain = Mamba(32), Mamba(32, scan="reference")
+    fused, plain = Mamba(32), Mamba(32, impl="reference")
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 40, 32)
     a, b = fused(x), plain(x)

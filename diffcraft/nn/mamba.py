@@ -1,6 +1,6 @@
 """Mamba (selective state space) block, parameter for parameter the layout of `mamba_ssm.Mamba`,
-so state dicts move between the two; the scan runs on mamba_ssm's kernel on CUDA when available,
-on fused numba kernels on CPU (see `nn.scan`)."""
+so state dicts move between the two. The scan runs on mamba_ssm's kernel on CUDA when available;
+on CPU the short convolution and the scan run on fused numba kernels (`nn.conv`, `nn.scan`)."""
 from __future__ import annotations
 
 import math
@@ -9,21 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcraft.nn.conv import causal_conv_silu
 from diffcraft.nn.scan import selective_scan
 
 
 class Mamba(nn.Module):
-    """[batch, L, d_model] -> [batch, L, d_model]. Defaults are mamba_ssm's."""
+    """[batch, L, d_model] -> [batch, L, d_model]. Defaults are mamba_ssm's. `impl` picks the
+    kernels: auto (by device) | fused (numba, CPU) | reference (plain PyTorch) | mamba_ssm."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 scan: str = "auto"):
+                 impl: str = "auto"):
         super().__init__()
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.scan = scan
+        self.impl = impl
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
                                 padding=d_conv - 1, bias=conv_bias)
@@ -40,20 +42,16 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
-    def causal_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """Depthwise causal conv1d in the [batch, L, d_inner] layout (the same weights and result
-        as `self.conv1d` on the transposed input, keeping the first L outputs)."""
-        taps = self.conv1d.weight.shape[-1]
-        padded = F.pad(x, (0, 0, taps - 1, 0))
-        length = x.shape[1]
-        out = sum(padded[:, k: k + length] * self.conv1d.weight[:, 0, k] for k in range(taps))
-        return out + self.conv1d.bias if self.conv1d.bias is not None else out
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x = F.silu(self.causal_conv(x))
+        # two products instead of one and a chunk: x and z come out contiguous for the kernels
+        x, z = (F.linear(hidden, w) for w in self.in_proj.weight.chunk(2))
+        if self.in_proj.bias is not None:
+            x, z = (v + b for v, b in zip((x, z), self.in_proj.bias.chunk(2)))
+        bias = self.conv1d.bias if self.conv1d.bias is not None else x.new_zeros(self.d_inner)
+        conv_impl = "reference" if self.impl in ("reference", "mamba_ssm") else self.impl
+        x = causal_conv_silu(x, self.conv1d.weight, bias, conv_impl)
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], -1)
         delta = dt @ self.dt_proj.weight.T
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(x, delta, A, Bm, Cm, self.D, z, self.dt_proj.bias, self.scan)
+        y = selective_scan(x, delta, A, Bm, Cm, self.D, z, self.dt_proj.bias, self.impl)
         return self.out_proj(y)

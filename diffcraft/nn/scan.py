@@ -3,7 +3,7 @@
 Three implementations of one function, chosen by device:
 - CUDA with mamba_ssm importable: its fused kernel (`selective_scan_fn`).
 - CPU: fused numba kernels (the scan, the D skip and the SiLU gate in one pass, exp by a
-  vectorised polynomial), one job per (batch item, block of 32 channels), vectorised over the
+  vectorised polynomial), one job per (batch item, block of 128 channels), vectorised over the
   channels of the block, in the [batch, L, channels] layout the projections produce (no
   transposes). The forward keeps the state only every 16 steps; the backward recomputes each
   chunk's states and runs the adjoint recurrence backwards, so no [batch, L, channels, state]
@@ -16,45 +16,26 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import types
-from numba.extending import intrinsic
 import torch
 import torch.nn.functional as F
 
+from diffcraft.nn.numba_support import (
+    BLOCK,
+    KERNEL_OPTS,
+    as_numpy,
+    fast_exp,
+    fast_softplus,
+    use_torch_threads,
+)
+
 CHUNK = 16  # time steps between stored states
-BLOCK = 64  # channels per job: the vector width of the kernels
-_OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693145751953125)
-_LN2_LO = np.float32(1.4286068203094172e-06)
 
 
-@intrinsic
-def _bits_to_float(typingctx, bits):
-    """Reinterpret an int32's bits as a float32 (an LLVM bitcast, free and vectorisable)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-    return types.float32(types.int32), codegen
-
-
-@numba.njit(fastmath=True, cache=True, inline="always")
-def _fast_exp(v):  # pragma: no cover - compiled
-    """exp(v) for float32 v, clamped to [-87, 87]: 2^k from the exponent bits times e^f from a
-    degree-7 polynomial on |f| <= ln2 / 2 (Cody-Waite reduction). Relative error about 1e-7, and
-    plain scalar code, so loops around it vectorise (libm's expf call does not)."""
-    v = min(max(v, np.float32(-87.0)), np.float32(87.0))
-    k = np.floor(v * _LOG2E + np.float32(0.5))
-    f = v - k * _LN2_HI - k * _LN2_LO
-    p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (
-        np.float32(1 / 6) + f * (np.float32(1 / 24) + f * (np.float32(1 / 120) + f * (
-            np.float32(1 / 720) + f * np.float32(1 / 5040)))))))
-    return p * _bits_to_float((np.int32(k) + np.int32(127)) << 23)
-
-
-@numba.njit(**_OPTS)
-def _scan_forward(u, delta, A_t, Bm, Cm, D, z, block, chunk):  # pragma: no cover - compiled
-    """out = SiLU(z) * (scan(u, delta) + D u), all [batch, L, d_inner]; A_t is A transposed
-    [N, d_inner]. One job per (batch, block of channels); vectors run over the channels."""
+@numba.njit(**KERNEL_OPTS)
+def _scan_forward(u, delta, delta_bias, A_t, Bm, Cm, D, z, block, chunk):  # pragma: no cover - compiled
+    """out = SiLU(z) * (scan(u, softplus(delta + delta_bias)) + D u), all [batch, L, d_inner];
+    A_t is A transposed [N, d_inner]. One job per (batch, block of channels); vectors run over
+    the channels."""
     batch, length, d_inner = u.shape
     n_state = A_t.shape[0]
     n_blocks = (d_inner + block - 1) // block
@@ -66,30 +47,37 @@ def _scan_forward(u, delta, A_t, Bm, Cm, D, z, block, chunk):  # pragma: no cove
         d0 = k * block
         w = min(block, d_inner - d0)
         h = np.zeros((n_state, w), dtype=np.float32)
-        acc = np.empty(w, dtype=np.float32)
+        dt = np.empty(w, dtype=np.float32)
+        dtu = np.empty(w, dtype=np.float32)
+        d_blk = D[d0: d0 + w]
+        bias_k = delta_bias[d0: d0 + w]
         for t in range(length):
             if t % chunk == 0:
                 checkpoints[b, t // chunk, :, d0: d0 + w] = h
-            dt = delta[b, t, d0: d0 + w]
+            raw = delta[b, t, d0: d0 + w]
             ut = u[b, t, d0: d0 + w]
-            acc[:] = 0.0
+            acc = out[b, t, d0: d0 + w]
+            for j in range(w):
+                dt[j] = fast_softplus(raw[j] + bias_k[j])
+                dtu[j] = dt[j] * ut[j]
+                acc[j] = d_blk[j] * ut[j]
             for n in range(n_state):
                 bn = Bm[b, t, n]
                 cn = Cm[b, t, n]
                 a_n = A_t[n, d0: d0 + w]
                 h_n = h[n]
                 for j in range(w):
-                    hj = _fast_exp(dt[j] * a_n[j]) * h_n[j] + dt[j] * ut[j] * bn
+                    hj = fast_exp(dt[j] * a_n[j]) * h_n[j] + dtu[j] * bn
                     h_n[j] = hj
                     acc[j] += hj * cn
             zt = z[b, t, d0: d0 + w]
             for j in range(w):
-                out[b, t, d0 + j] = (acc[j] + D[d0 + j] * ut[j]) * zt[j] / (np.float32(1.0) + _fast_exp(-zt[j]))
+                acc[j] = acc[j] * zt[j] / (np.float32(1.0) + fast_exp(-zt[j]))
     return out, checkpoints
 
 
-@numba.njit(**_OPTS)
-def _scan_backward(grad_out, u, delta, A_t, Bm, Cm, D, z, checkpoints, block,
+@numba.njit(**KERNEL_OPTS)
+def _scan_backward(grad_out, u, delta, delta_bias, A_t, Bm, Cm, D, z, checkpoints, block,
                    chunk):  # pragma: no cover - compiled
     batch, length, d_inner = u.shape
     n_state = A_t.shape[0]
@@ -110,18 +98,26 @@ def _scan_backward(grad_out, u, delta, A_t, Bm, Cm, D, z, checkpoints, block,
         decay = np.empty((chunk, n_state, w), dtype=np.float32)
         grad_h = np.zeros((n_state, w), dtype=np.float32)
         g = np.empty(w, dtype=np.float32)
-        g_dt = np.empty(w, dtype=np.float32)
-        g_u = np.empty(w, dtype=np.float32)
+        dt = np.empty(w, dtype=np.float32)
+        dtu = np.empty(w, dtype=np.float32)
         y0 = np.empty(w, dtype=np.float32)
-        sig = np.empty(w, dtype=np.float32)
+        bias_k = delta_bias[d0: d0 + w]
+
+        d_blk = D[d0: d0 + w]
+        gD = grad_D[b, d0: d0 + w]
+        gB = grad_B[b, k]
+        gC = grad_C[b, k]
         for c in range(n_chunks - 1, -1, -1):
             t0 = c * chunk
             t1 = min(length, t0 + chunk)
             states[0] = checkpoints[b, c, :, d0: d0 + w]
             for t in range(t0, t1):  # recompute the chunk's states
                 i = t - t0
-                dt = delta[b, t, d0: d0 + w]
+                raw = delta[b, t, d0: d0 + w]
                 ut = u[b, t, d0: d0 + w]
+                for j in range(w):
+                    dt[j] = fast_softplus(raw[j] + bias_k[j])
+                    dtu[j] = dt[j] * ut[j]
                 for n in range(n_state):
                     bn = Bm[b, t, n]
                     a_n = A_t[n, d0: d0 + w]
@@ -129,29 +125,33 @@ def _scan_backward(grad_out, u, delta, A_t, Bm, Cm, D, z, checkpoints, block,
                     prev = states[i, n]
                     nxt = states[i + 1, n]
                     for j in range(w):
-                        a = _fast_exp(dt[j] * a_n[j])
+                        a = fast_exp(dt[j] * a_n[j])
                         dec[j] = a
-                        nxt[j] = a * prev[j] + dt[j] * ut[j] * bn
+                        nxt[j] = a * prev[j] + dtu[j] * bn
             for t in range(t1 - 1, t0 - 1, -1):  # adjoint recurrence, backwards in time
                 i = t - t0
-                dt = delta[b, t, d0: d0 + w]
+                raw = delta[b, t, d0: d0 + w]
                 ut = u[b, t, d0: d0 + w]
                 zt = z[b, t, d0: d0 + w]
                 go = grad_out[b, t, d0: d0 + w]
+                gz = grad_z[b, t, d0: d0 + w]
+                g_dt = grad_delta[b, t, d0: d0 + w]
+                g_u = grad_u[b, t, d0: d0 + w]
                 for j in range(w):
-                    sig[j] = _fast_exp(-zt[j])
-                y0[:] = 0.0
+                    dt[j] = fast_softplus(raw[j] + bias_k[j])
+                    y0[j] = d_blk[j] * ut[j]
+                    dtu[j] = dt[j] * ut[j]
                 for n in range(n_state):
                     cn = Cm[b, t, n]
+                    cur = states[i + 1, n]
                     for j in range(w):
-                        y0[j] += states[i + 1, n, j] * cn
+                        y0[j] += cur[j] * cn
                 for j in range(w):
-                    s = np.float32(1.0) / (np.float32(1.0) + sig[j])
-                    pre = y0[j] + D[d0 + j] * ut[j]
-                    grad_z[b, t, d0 + j] = go[j] * pre * s * (np.float32(1.0) + zt[j] * (np.float32(1.0) - s))
+                    s = np.float32(1.0) / (np.float32(1.0) + fast_exp(-zt[j]))
+                    gz[j] = go[j] * y0[j] * s * (np.float32(1.0) + zt[j] * (np.float32(1.0) - s))
                     g[j] = go[j] * zt[j] * s  # gradient reaching the scan output
-                    grad_D[b, d0 + j] += g[j] * ut[j]
-                    g_u[j] = g[j] * D[d0 + j]
+                    gD[j] += g[j] * ut[j]
+                    g_u[j] = g[j] * d_blk[j]
                     g_dt[j] = 0.0
                 for n in range(n_state):
                     bn = Bm[b, t, n]
@@ -167,47 +167,39 @@ def _scan_backward(grad_out, u, delta, A_t, Bm, Cm, D, z, checkpoints, block,
                     for j in range(w):
                         acc_c += g[j] * cur[j]
                         gh = gh_n[j] + g[j] * cn
-                        ah = dec[j] * prev[j]
-                        g_dt[j] += gh * (a_n[j] * ah + bn * ut[j])
+                        ah = gh * dec[j] * prev[j]
+                        g_dt[j] += ah * a_n[j] + gh * bn * ut[j]
                         g_u[j] += gh * dt[j] * bn
-                        acc_b += gh * dt[j] * ut[j]
-                        ga_n[j] += gh * dt[j] * ah
+                        acc_b += gh * dtu[j]
+                        ga_n[j] += ah * dt[j]
                         gh_n[j] = gh * dec[j]
-                    grad_C[b, k, t, n] = acc_c
-                    grad_B[b, k, t, n] = acc_b
-                for j in range(w):
-                    grad_delta[b, t, d0 + j] = g_dt[j]
-                    grad_u[b, t, d0 + j] = g_u[j]
+                    gC[t, n] = acc_c
+                    gB[t, n] = acc_b
+                for j in range(w):  # through the softplus: its derivative is the sigmoid
+                    g_dt[j] = g_dt[j] / (np.float32(1.0) + fast_exp(-(raw[j] + bias_k[j])))
     return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().contiguous().numpy()
-
-
-def _use_torch_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
 class _FusedCPUScan(torch.autograd.Function):
-    """SiLU(z) * (scan(u, delta) + D u) on CPU. u, delta (after softplus), z: [batch, L, d_inner];
-    A: [d_inner, N]; B, C: [batch, L, N]; D: [d_inner]."""
+    """SiLU(z) * (scan(u, softplus(delta + delta_bias)) + D u) on CPU. u, delta, z:
+    [batch, L, d_inner]; delta_bias, D: [d_inner]; A: [d_inner, N]; B, C: [batch, L, N]."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bm, Cm, D, z):
-        _use_torch_threads()
-        arrays = [_numpy(t) for t in (u, delta, A.t(), Bm, Cm, D, z)]
+    def forward(ctx, u, delta, delta_bias, A, Bm, Cm, D, z):
+        use_torch_threads()
+        arrays = [as_numpy(t) for t in (u, delta, delta_bias, A.t(), Bm, Cm, D, z)]
         out, checkpoints = _scan_forward(*arrays, BLOCK, CHUNK)
         ctx.arrays = arrays + [checkpoints]
         return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        _use_torch_threads()
-        grads = _scan_backward(_numpy(grad_out), *ctx.arrays, BLOCK, CHUNK)
+        use_torch_threads()
+        grads = _scan_backward(as_numpy(grad_out), *ctx.arrays, BLOCK, CHUNK)
         del ctx.arrays
         g_u, g_delta, g_A, g_B, g_C, g_D, g_z = (torch.from_numpy(g) for g in grads)
-        return g_u, g_delta, g_A.sum(0).t(), g_B.sum(1), g_C.sum(1), g_D.sum(0), g_z
+        return (g_u, g_delta, g_delta.sum((0, 1)), g_A.sum(0).t(), g_B.sum(1), g_C.sum(1), g_D.sum(0),
+                g_z)
 
 
 def selective_scan_reference(u, delta, A, Bm, Cm) -> torch.Tensor:
@@ -247,9 +239,9 @@ def selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, impl: str = "auto") ->
                               Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous(),
                               D.float(), z.transpose(1, 2), delta_bias.float(), delta_softplus=True)
         return y.transpose(1, 2)
-    delta = F.softplus(delta + delta_bias)
     if impl == "fused":
-        return _FusedCPUScan.apply(u, delta, A, Bm, Cm, D, z)
+        return _FusedCPUScan.apply(u, delta, delta_bias, A, Bm, Cm, D, z)
     if impl != "reference":
         raise ValueError(f"scan implementation {impl!r} is not auto, fused, reference or mamba_ssm")
+    delta = F.softplus(delta + delta_bias)
     return (selective_scan_reference(u, delta, A, Bm, Cm) + u * D) * F.silu(z)
