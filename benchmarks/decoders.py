@@ -7,6 +7,7 @@ memory (RSS on CPU, allocated on CUDA). Then the cores alone (forward + backward
 timed round-robin in one process, so a machine whose speed drifts slows every core alike.
 
 Run: python benchmarks/decoders.py [--device cpu|cuda] [--precision fp32|bf16] [--steps 5]
+     python benchmarks/decoders.py --profile mamba   (where one core's step goes, by operator)
 """
 from __future__ import annotations
 
@@ -93,13 +94,44 @@ def cores_alone(device: str, precision: str, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def profile_core(name: str, device: str, precision: str, steps: int) -> None:
+    """torch.profiler's table of one core's forward + backward, per step, by operator."""
+    from torch.profiler import profile
+
+    from diffcraft.nn import make_core
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    core = make_core(name, WIDTH, WIDTH).to(dev)
+    x = torch.randn(BATCH, FRAMES, WIDTH, device=dev)
+
+    def run():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = core(x)
+        y.float().square().mean().backward()
+
+    run(), run()
+    with profile() as prof:
+        for _ in range(steps):
+            run()
+    print(f"{name}, {precision}: self time per step by operator (ms), {steps} steps")
+    for event in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total
+                        if dev.type == "cuda" else -e.self_cpu_time_total)[:12]:
+        total = event.self_device_time_total if dev.type == "cuda" else event.self_cpu_time_total
+        print(f"  {event.key:40s} {total / steps / 1e3:8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile", choices=CORES, help="profile this core alone instead")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        profile_core(args.profile, args.device, args.precision, args.steps)
+        return
     if args.one:
         print(json.dumps(measure(args.one, args.device, args.precision, args.steps)))
         return

@@ -2,8 +2,8 @@
 
 Three implementations of one function, chosen by device:
 - CUDA with mamba_ssm importable: its fused kernel (`selective_scan_fn`).
-- CPU: fused numba kernels (the scan, the D skip and the SiLU gate in one pass, exp by a
-  vectorised polynomial), one job per (batch item, block of 128 channels), vectorised over the
+- CPU: fused numba kernels (the Δ bias and softplus, the scan, the D skip and the SiLU gate in
+  one pass; exp and softplus by vectorised polynomials), one job per (batch item, block of 128 channels), vectorised over the
   channels of the block, in the [batch, L, channels] layout the projections produce (no
   transposes). The forward keeps the state only every 16 steps; the backward recomputes each
   chunk's states and runs the adjoint recurrence backwards, so no [batch, L, channels, state]
