@@ -21,11 +21,22 @@ from diffcraft.nn.numba_support import (
 )
 
 
+@numba.njit(fastmath=True, cache=True, inline="always")
+def _preactivation(row, x, weight, bias_k, b, t, d0, w):  # pragma: no cover - compiled
+    """row[:] = bias + the taps' weighted inputs x[b, t - taps + 1 .. t, d0: d0 + w] (those >= 0)."""
+    taps = weight.shape[0]
+    row[:] = bias_k
+    for tap in range(max(0, taps - 1 - t), taps):
+        xs = x[b, t - taps + 1 + tap, d0: d0 + w]
+        wt = weight[tap, d0: d0 + w]
+        for j in range(w):
+            row[j] += wt[j] * xs[j]
+
+
 @numba.njit(**KERNEL_OPTS)
 def _conv_forward(x, weight, bias, block):  # pragma: no cover - compiled
     """x [batch, L, channels], weight [taps, channels], bias [channels] -> SiLU(conv(x))."""
     batch, length, channels = x.shape
-    taps = weight.shape[0]
     n_blocks = (channels + block - 1) // block
     out = np.empty((batch, length, channels), dtype=np.float32)
     for job in numba.prange(batch * n_blocks):
@@ -35,12 +46,7 @@ def _conv_forward(x, weight, bias, block):  # pragma: no cover - compiled
         bias_k = bias[d0: d0 + w]
         for t in range(length):
             o = out[b, t, d0: d0 + w]
-            o[:] = bias_k
-            for tap in range(max(0, taps - 1 - t), taps):
-                xs = x[b, t - taps + 1 + tap, d0: d0 + w]
-                wt = weight[tap, d0: d0 + w]
-                for j in range(w):
-                    o[j] += wt[j] * xs[j]
+            _preactivation(o, x, weight, bias_k, b, t, d0, w)
             for j in range(w):
                 o[j] = o[j] / (np.float32(1.0) + fast_exp(-o[j]))
     return out
@@ -64,12 +70,7 @@ def _conv_backward(grad_out, x, weight, bias, block):  # pragma: no cover - comp
         bias_k = bias[d0: d0 + w]
         for t in range(length):
             g = gs[t]
-            g[:] = bias_k
-            for tap in range(max(0, taps - 1 - t), taps):
-                xs = x[b, t - taps + 1 + tap, d0: d0 + w]
-                wt = weight[tap, d0: d0 + w]
-                for j in range(w):
-                    g[j] += wt[j] * xs[j]
+            _preactivation(g, x, weight, bias_k, b, t, d0, w)
             go = grad_out[b, t, d0: d0 + w]
             for j in range(w):
                 s = g[j]
