@@ -44,9 +44,8 @@ class Mamba(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # two products instead of one and a chunk: x and z come out contiguous for the kernels
-        x, z = (F.linear(hidden, w) for w in self.in_proj.weight.chunk(2))
-        if self.in_proj.bias is not None:
-            x, z = (v + b for v, b in zip((x, z), self.in_proj.bias.chunk(2)))
+        biases = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
+        x, z = (F.linear(hidden, w, b) for w, b in zip(self.in_proj.weight.chunk(2), biases))
         bias = self.conv1d.bias if self.conv1d.bias is not None else x.new_zeros(self.d_inner)
         conv_impl = "reference" if self.impl in ("reference", "mamba_ssm") else self.impl
         x = causal_conv_silu(x, self.conv1d.weight, bias, conv_impl)
