@@ -31,6 +31,14 @@ from diffcraft.nn.numba_support import (
 CHUNK = 16  # time steps between stored states
 
 
+@numba.njit(fastmath=True, cache=True, inline="always")
+def _step_delta(dt, dtu, raw, bias_k, ut):  # pragma: no cover - compiled
+    """One time step's rows: dt = softplus(raw + bias), dtu = dt * u."""
+    for j in range(dt.shape[0]):
+        dt[j] = fast_softplus(raw[j] + bias_k[j])
+        dtu[j] = dt[j] * ut[j]
+
+
 @numba.njit(**KERNEL_OPTS)
 def _scan_forward(u, delta, delta_bias, A_t, Bm, Cm, D, z, block, chunk):  # pragma: no cover - compiled
     """out = SiLU(z) * (scan(u, softplus(delta + delta_bias)) + D u), all [batch, L, d_inner];
@@ -57,9 +65,8 @@ def _scan_forward(u, delta, delta_bias, A_t, Bm, Cm, D, z, block, chunk):  # pra
             raw = delta[b, t, d0: d0 + w]
             ut = u[b, t, d0: d0 + w]
             acc = out[b, t, d0: d0 + w]
+            _step_delta(dt, dtu, raw, bias_k, ut)
             for j in range(w):
-                dt[j] = fast_softplus(raw[j] + bias_k[j])
-                dtu[j] = dt[j] * ut[j]
                 acc[j] = d_blk[j] * ut[j]
             for n in range(n_state):
                 bn = Bm[b, t, n]
@@ -97,12 +104,11 @@ def _scan_backward(grad_out, u, delta, delta_bias, A_t, Bm, Cm, D, z, checkpoint
         states = np.empty((chunk + 1, n_state, w), dtype=np.float32)
         decay = np.empty((chunk, n_state, w), dtype=np.float32)
         grad_h = np.zeros((n_state, w), dtype=np.float32)
+        dts = np.empty((chunk, w), dtype=np.float32)  # the chunk's dt and dt * u, kept for the adjoint
+        dtus = np.empty((chunk, w), dtype=np.float32)
         g = np.empty(w, dtype=np.float32)
-        dt = np.empty(w, dtype=np.float32)
-        dtu = np.empty(w, dtype=np.float32)
         y0 = np.empty(w, dtype=np.float32)
         bias_k = delta_bias[d0: d0 + w]
-
         d_blk = D[d0: d0 + w]
         gD = grad_D[b, d0: d0 + w]
         gB = grad_B[b, k]
@@ -113,11 +119,8 @@ def _scan_backward(grad_out, u, delta, delta_bias, A_t, Bm, Cm, D, z, checkpoint
             states[0] = checkpoints[b, c, :, d0: d0 + w]
             for t in range(t0, t1):  # recompute the chunk's states
                 i = t - t0
-                raw = delta[b, t, d0: d0 + w]
-                ut = u[b, t, d0: d0 + w]
-                for j in range(w):
-                    dt[j] = fast_softplus(raw[j] + bias_k[j])
-                    dtu[j] = dt[j] * ut[j]
+                dt, dtu = dts[i], dtus[i]
+                _step_delta(dt, dtu, delta[b, t, d0: d0 + w], bias_k, u[b, t, d0: d0 + w])
                 for n in range(n_state):
                     bn = Bm[b, t, n]
                     a_n = A_t[n, d0: d0 + w]
@@ -137,10 +140,9 @@ def _scan_backward(grad_out, u, delta, delta_bias, A_t, Bm, Cm, D, z, checkpoint
                 gz = grad_z[b, t, d0: d0 + w]
                 g_dt = grad_delta[b, t, d0: d0 + w]
                 g_u = grad_u[b, t, d0: d0 + w]
+                dt, dtu = dts[i], dtus[i]
                 for j in range(w):
-                    dt[j] = fast_softplus(raw[j] + bias_k[j])
                     y0[j] = d_blk[j] * ut[j]
-                    dtu[j] = dt[j] * ut[j]
                 for n in range(n_state):
                     cn = Cm[b, t, n]
                     cur = states[i + 1, n]
