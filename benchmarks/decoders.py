@@ -67,6 +67,13 @@ def measure(core: str, device: str, precision: str, steps: int) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def core_pass(core, x: torch.Tensor, precision: str) -> None:
+    """One forward + backward of a core alone."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        y = core(x)
+    y.float().square().mean().backward()
+
+
 def cores_alone(device: str, precision: str, rounds: int) -> dict[str, float]:
     """Median forward + backward seconds of each core alone, the cores taking turns."""
     from diffcraft.nn import make_core
@@ -77,17 +84,12 @@ def cores_alone(device: str, precision: str, rounds: int) -> dict[str, float]:
     x = torch.randn(BATCH, FRAMES, WIDTH, device=dev)
     cores = {name: make_core(name, WIDTH, WIDTH).to(dev) for name in CORES}
 
-    def run(core):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            y = core(x)
-        y.float().square().mean().backward()
-
     times = {name: [] for name in CORES}
     for round_ in range(rounds + 2):  # two warm-up rounds
         for name, core in cores.items():
             sync()
             start = time.perf_counter()
-            run(core)
+            core_pass(core, x, precision)
             sync()
             if round_ >= 2:
                 times[name].append(time.perf_counter() - start)
@@ -104,16 +106,10 @@ def profile_core(name: str, device: str, precision: str, steps: int) -> None:
     dev = torch.device(device)
     core = make_core(name, WIDTH, WIDTH).to(dev)
     x = torch.randn(BATCH, FRAMES, WIDTH, device=dev)
-
-    def run():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            y = core(x)
-        y.float().square().mean().backward()
-
-    run(), run()
+    core_pass(core, x, precision), core_pass(core, x, precision)
     with profile() as prof:
         for _ in range(steps):
-            run()
+            core_pass(core, x, precision)
     print(f"{name}, {precision}: self time per step by operator (ms), {steps} steps")
     for event in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total
                         if dev.type == "cuda" else -e.self_cpu_time_total)[:12]:
