@@ -79,9 +79,10 @@ class _FusedHarmonicBank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, amplitudes, phase, f0, hop, sample_rate):
         from diffcraft.dsp import kernels
+        from diffcraft.numba_support import as_numpy, use_torch_threads
 
-        args = [t.detach().contiguous().numpy() for t in (phase, f0)]
-        out = kernels.harmonic_forward(amplitudes.detach().contiguous().numpy(), *args, hop,
+        use_torch_threads()
+        out = kernels.harmonic_forward(*(as_numpy(t) for t in (amplitudes, phase, f0)), hop,
                                        sample_rate / 2)
         ctx.save_for_backward(phase, f0)
         ctx.config = (hop, sample_rate, amplitudes.shape[-1])
@@ -90,11 +91,13 @@ class _FusedHarmonicBank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         from diffcraft.dsp import kernels
+        from diffcraft.numba_support import as_numpy, use_torch_threads
 
         phase, f0 = ctx.saved_tensors
         hop, sample_rate, n_harmonics = ctx.config
-        grad = kernels.harmonic_backward(grad_out.contiguous().float().numpy(), phase.numpy(),
-                                         f0.numpy(), n_harmonics, hop, sample_rate / 2)
+        use_torch_threads()
+        grad = kernels.harmonic_backward(*(as_numpy(t) for t in (grad_out, phase, f0)), n_harmonics,
+                                         hop, sample_rate / 2)
         return torch.from_numpy(grad), None, None, None, None
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+from diffcraft.numba_support import KERNEL_OPTS
 
 
-@numba.njit(**_OPTS)
+@numba.njit(**KERNEL_OPTS)
 def harmonic_forward(amplitudes, phase, f0, hop, nyquist):  # pragma: no cover - compiled
     """amplitudes [B, T, K] (per frame), phase/f0 [B, T * hop] -> audio [B, T * hop]."""
     batch, n_frames, n_harm = amplitudes.shape
@@ -44,7 +44,7 @@ def harmonic_forward(amplitudes, phase, f0, hop, nyquist):  # pragma: no cover -
     return out
 
 
-@numba.njit(**_OPTS)
+@numba.njit(**KERNEL_OPTS)
 def harmonic_backward(grad_out, phase, f0, n_harm, hop, nyquist):  # pragma: no cover - compiled
     """grad_out [B, T * hop] -> gradient of the frame amplitudes [B, T, K]."""
     batch = grad_out.shape[0]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffcraft.nn.numba_support import (
+from diffcraft.numba_support import (
     BLOCK,
     KERNEL_OPTS,
     as_numpy,
