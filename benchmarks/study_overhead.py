@@ -1,5 +1,6 @@
-"""Study orchestration overhead: N trials through the study engine (Ray Tune, MLflow logging,
-artifacts) against the same N trainings run back to back in one process.
+"""Study orchestration overhead: N trials through the study engine (Ray Tune, a Ray Train
+TorchTrainer per trial, MLflow logging, artifacts) against the same N trainings run back to back in
+one process; the difference, less one Ray start and stop, divided by N is the fixed cost per trial.
 
 Run: python benchmarks/study_overhead.py [--trials 4] [--epochs 2] [--concurrency 1]
 """
@@ -16,7 +17,9 @@ from diffcraft.data.prepare import prepare
 from diffcraft.data.synthetic import write_dataset
 from diffcraft.study.runner import run_study
 from diffcraft.study.schema import load_study, run_config
+from diffcraft.raytools import ray_session
 from diffcraft.train.loop import train
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -45,11 +48,19 @@ def main() -> None:
     direct = time.perf_counter() - start
 
     start = time.perf_counter()
+    with ray_session(None, logging_level="ERROR"):
+        pass
+    ray_start = time.perf_counter() - start
+
+    start = time.perf_counter()
     run_study(study, verbose=0)
     engine = time.perf_counter() - start
+    per_trial = (engine - direct - ray_start) * args.concurrency / args.trials
     print(f"{args.trials} trials x {args.epochs} epochs (tiny decoder), concurrency {args.concurrency}")
     print(f"back to back in one process: {direct:7.1f} s")
-    print(f"through the study engine:    {engine:7.1f} s  (Ray start, Tune, MLflow runs, figures, audio, checkpoints)")
+    print(f"through the study engine:    {engine:7.1f} s  (Ray start, Tune, Ray Train, MLflow runs, figures, audio, checkpoints)")
+    print(f"a local Ray start and stop:  {ray_start:7.1f} s")
+    print(f"fixed cost per trial:        {per_trial:7.1f} s  ((engine - direct - Ray start) x concurrency / trials)")
     print(f"ratio engine / direct:       {engine / direct:7.2f}")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,28 +32,36 @@ def _cmd_prepare(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    from diffcraft.train.loop import load_run_config, train
+    from diffcraft.train.config import load_run_config
+    from diffcraft.train.loop import train
 
     cfg = load_run_config(args.config, overrides=args.set)
     result = train(cfg, out_dir=args.out, progress=True)
     print(result.describe())
 
 
-def _cmd_study_run(args) -> None:
+def _finish_study(study, outcome) -> None:
+    """Print the status and how to look at it; exit non-zero unless every trial finished."""
     from diffcraft.study.report import status_lines
+    from diffcraft.study.tracking import default_tracking_uri
+
+    print("\n".join(status_lines(study)))
+    print(f"MLflow: mlflow ui --backend-store-uri {default_tracking_uri(study.mlflow.tracking_uri)}")
+    if outcome.interrupted:
+        print(f"diffcraft: interrupted; continue with `diffcraft study resume {study.name} --storage {study.storage}`",
+              file=sys.stderr)
+        raise SystemExit(130)
+    if outcome.failed:
+        print(f"diffcraft: {outcome.failed} trial(s) failed (see `diffcraft study status {study.name}`)", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _cmd_study_run(args) -> None:
     from diffcraft.study.runner import run_study
     from diffcraft.study.schema import load_study
 
     study = load_study(args.file, overrides=args.set)
-    run_study(study, address=args.address)
-    print("\n".join(status_lines(study)))
-    print(f"MLflow: mlflow ui --backend-store-uri {study_tracking_uri(study)}")
-
-
-def study_tracking_uri(study) -> str:
-    from diffcraft.study.tracking import default_tracking_uri
-
-    return default_tracking_uri(study.mlflow.tracking_uri)
+    _finish_study(study, run_study(study, address=args.address, take_over=args.take_over))
 
 
 def _stored_study(args):
@@ -62,12 +71,10 @@ def _stored_study(args):
 
 
 def _cmd_study_resume(args) -> None:
-    from diffcraft.study.report import status_lines
     from diffcraft.study.runner import run_study
 
     study = _stored_study(args)
-    run_study(study, address=args.address, resume=True)
-    print("\n".join(status_lines(study)))
+    _finish_study(study, run_study(study, address=args.address, resume=True, take_over=args.take_over))
 
 
 def _cmd_study_status(args) -> None:
@@ -84,21 +91,79 @@ def _cmd_study_report(args) -> None:
     print(f"report written to {path.parent} and logged to the study's MLflow parent run")
 
 
+def _cmd_study_submit(args) -> None:
+    from diffcraft.study.jobs import submit_study
+    from diffcraft.study.schema import load_study
+
+    job = submit_study(load_study(args.file, overrides=args.set), args.address)
+    print(f"submitted {job}\n  follow: diffcraft study logs {job} --address {args.address} --follow"
+          f"\n  stop:   diffcraft study stop {job} --address {args.address}")
+
+
+def _cmd_study_logs(args) -> None:
+    from diffcraft.study.jobs import job_logs, job_status
+
+    print(job_logs(args.address, args.id, args.follow), end="")
+    status = job_status(args.address, args.id)
+    print(f"[{args.id}: {status}]")
+    if status in ("FAILED", "STOPPED"):
+        raise SystemExit(1)
+
+
+def _cmd_study_stop(args) -> None:
+    from diffcraft.study.jobs import stop_job
+
+    print(f"{args.id}: " + ("stop requested" if stop_job(args.address, args.id) else "not running"))
+
+
+def _cmd_cluster_check(args) -> None:
+    from diffcraft.study.schema import load_study
+
+    study = load_study(args.study, overrides=args.set)
+    if args.address and args.address.startswith(("http://", "https://")):
+        from diffcraft.study.jobs import job_logs, job_status, submit_command
+
+        job = submit_command(args.address, ["cluster", "check", "--study", "study.yaml"], study, "diffcraft-check")
+        print(f"running the check on the cluster as job {job}")
+        job_logs(args.address, job, follow=True)
+        if job_status(args.address, job) != "SUCCEEDED":
+            raise SystemExit(1)
+        return
+    from diffcraft.raytools import forwarded_env, ray_session
+    from diffcraft.study.preflight import preflight
+    from diffcraft.study.tracking import default_tracking_uri, require_server_for_cluster
+
+    require_server_for_cluster(study.mlflow.tracking_uri, args.address)
+    uri = default_tracking_uri(study.mlflow.tracking_uri)
+    with ray_session(args.address, runtime_env={"env_vars": forwarded_env()}) as ray:
+        report = preflight(study, uri, ray)
+    for line in report.nodes + [f"note: {n}" for n in report.notes] + [f"PROBLEM: {p}" for p in report.problems]:
+        print(line)
+    print("cluster check: " + ("ok" if report.ok else f"{len(report.problems)} problem(s)"))
+    if not report.ok:
+        raise SystemExit(1)
+
+
 def _cmd_promote(args) -> None:
     from diffcraft.study.promote import promote
+    from diffcraft.study.state import started_state
 
-    p = promote(_stored_study(args), metric=args.metric, mode=args.mode, alias=args.alias, where=args.where,
+    study = _stored_study(args)
+    p = promote(study, metric=args.metric, mode=args.mode, alias=args.alias, where=args.where,
                 name=args.name, trial=args.trial)
     print(f"promoted trial {p.trial} ({p.metric} = {p.value:.6g}, re-measured {p.reproduced:.6g}) as "
           f"{p.name} version {p.version}; models:/{p.name}@{p.alias} now points to it")
+    print(f"serve it: MLFLOW_TRACKING_URI={started_state(study)['tracking_uri']} mlflow models serve "
+          f"-m models:/{p.name}@{p.alias} --env-manager local -p 5001")
 
 
 def _cmd_transfer(args) -> None:
-    from diffcraft.study.promote import checkpoint_for
+    from diffcraft.study.promote import resolve_checkpoint
     from diffcraft.study.tracking import default_tracking_uri
-    from diffcraft.transfer import model_from_checkpoint, transfer_files
+    from diffcraft.train.checkpoint import model_from_checkpoint
+    from diffcraft.transfer import transfer_files
 
-    model, _ = model_from_checkpoint(checkpoint_for(args.model, default_tracking_uri(args.tracking_uri or "")))
+    model, _ = model_from_checkpoint(resolve_checkpoint(args.model, default_tracking_uri(args.tracking_uri or "")))
     done, errors = transfer_files(args.inputs, model, args.out, args.f0, args.pitch_shift, args.loudness_offset,
                                   args.crepe_model, args.plot)
     print("\n".join(done))
@@ -130,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_cmd_synth)
 
     prep = data.add_parser("prepare", help="build or update a feature cache from audio")
-    prep.add_argument("source", type=Path, help="MDB-stem-synth root or a folder of audio files")
-    prep.add_argument("--out", required=True, type=Path, help="cache folder")
+    prep.add_argument("source", help="MDB-stem-synth root or a folder of audio files (a folder or s3://, gs://)")
+    prep.add_argument("--out", required=True, help="cache: a folder, or s3://bucket/prefix, gs://...")
     prep.add_argument("--crepe-model", default="full", choices=["full", "tiny"])
     prep.add_argument("--silence-db", type=float, default=-60.0)
     prep.add_argument("--validation-fraction", type=float, default=0.2)
@@ -145,29 +210,54 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path)
     train.add_argument("--out", type=Path, default=None, help="run folder (default: from the config)")
     train.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                       help="override config fields, e.g. train.epochs=3 model.core=bimamba")
+                       help="override config fields, e.g. train.epochs=3 model.decoder.core=bimamba")
     train.set_defaults(func=_cmd_train)
 
+    ray_address = os.environ.get("RAY_ADDRESS") or None
     study = sub.add_parser("study", help="hyperparameter and ablation studies on Ray Tune").add_subparsers(
         dest="study_command", required=True)
-    run = study.add_parser("run", help="validate and run a study file")
+    run = study.add_parser("run", help="validate and run a study file (the same file again: continue it)")
     run.add_argument("file", type=Path)
-    run.add_argument("--address", default=None, help="Ray address: auto, ray://host:10001 (default: local Ray)")
+    run.add_argument("--address", default=ray_address,
+                     help="Ray cluster: auto, HOST:6379 (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override study fields")
+    run.add_argument("--take-over", action="store_true", help="take the study from a driver whose lease is stale")
     run.set_defaults(func=_cmd_study_run)
     for name, func, text in (("resume", _cmd_study_resume, "continue a study after a kill"),
                              ("status", _cmd_study_status, "trials, their states and the best so far"),
                              ("report", _cmd_study_report, "the results table, logged to MLflow")):
         cmd = study.add_parser(name, help=text)
         cmd.add_argument("name")
-        cmd.add_argument("--storage", default="studies", help="the study file's storage folder")
+        cmd.add_argument("--storage", default="studies", help="the study file's storage (a folder or s3://, gs://)")
         if name == "resume":
-            cmd.add_argument("--address", default=None)
+            cmd.add_argument("--address", default=ray_address)
+            cmd.add_argument("--take-over", action="store_true")
         cmd.set_defaults(func=func)
+    submit = study.add_parser("submit", help="run a study on a Ray cluster as a Ray Job")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--address", required=True, help="the cluster's Jobs API, e.g. http://HEAD:8265")
+    submit.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    submit.set_defaults(func=_cmd_study_submit)
+    for name, func, text in (("logs", _cmd_study_logs, "a submitted study's driver log"),
+                             ("stop", _cmd_study_stop, "stop a submitted study (resume it later)")):
+        cmd = study.add_parser(name, help=text)
+        cmd.add_argument("id", help="the submission id `study submit` printed")
+        cmd.add_argument("--address", required=True, help="http://HEAD:8265")
+        if name == "logs":
+            cmd.add_argument("--follow", action="store_true")
+        cmd.set_defaults(func=func)
+
+    cluster = sub.add_parser("cluster", help="check a Ray cluster before running studies on it").add_subparsers(
+        dest="cluster_command", required=True)
+    check = cluster.add_parser("check", help="can every node read the cache, write the storage, reach MLflow?")
+    check.add_argument("--study", required=True, type=Path, help="the study file whose storage, cache and MLflow to check")
+    check.add_argument("--address", default=ray_address, help="http://HEAD:8265 (runs as a job), auto or HOST:6379")
+    check.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    check.set_defaults(func=_cmd_cluster_check)
 
     prom = sub.add_parser("promote", help="register a study's best finished trial in the MLflow registry")
     prom.add_argument("name", metavar="STUDY")
-    prom.add_argument("--storage", default="studies")
+    prom.add_argument("--storage", default="studies", help="the study's storage (a folder or s3://, gs://)")
     prom.add_argument("--metric", default=None, help="default: the study objective")
     prom.add_argument("--mode", default=None, choices=["min", "max"])
     prom.add_argument("--alias", default="champion")
@@ -179,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transfer", help="timbre transfer of audio files with a trained model")
     tr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
-    tr.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint")
+    tr.add_argument("--model", required=True,
+                    help="models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow Model folder or a checkpoint")
     tr.add_argument("--out", required=True, type=Path)
     tr.add_argument("--pitch-shift", type=float, default=0.0, help="semitones")
     tr.add_argument("--loudness-offset", type=float, default=0.0, help="dB")

@@ -24,3 +24,7 @@ class DataError(DiffcraftError):
 
 class CheckpointError(DiffcraftError):
     """A checkpoint that is missing, corrupt or would execute code when loaded."""
+
+
+class StorageError(DiffcraftError):
+    """A storage location (folder, mount, object store) that cannot be read or written."""

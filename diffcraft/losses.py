@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from diffcraft.audio.features import hann_window, scale_loudness
+from diffcraft.pitch import blurred_targets
 
 FFT_SIZES = (2048, 1024, 512, 256, 128, 64)
 
@@ -59,8 +60,6 @@ def f0_loss(logits: torch.Tensor, f0_hz: torch.Tensor, voiced: torch.Tensor) -> 
     25 cents) normalised to sum to 1, as the paper defines it; averaged over voiced frames only.
     logits [B, T, 435], f0_hz/voiced [B, T]. (Per-bin sigmoid cross-entropy, CREPE's loss, gave
     the few true bins almost no gradient and did not learn here.)"""
-    from diffcraft.models.pitch import blurred_targets
-
     target = blurred_targets(f0_hz)
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-8)
     per_frame = -(target * torch.log_softmax(logits, dim=-1)).sum(-1)

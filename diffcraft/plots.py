@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffcraft import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
+from diffcraft.pitch import hz_to_midi  # noqa: E402
 
 INTERPOLATION_ALPHAS = (0.0, 0.3, 0.5, 0.7, 1.0)
 
@@ -73,7 +74,7 @@ def embedding_figure(path, z_f0, z_loudness, f0_hz, loudness_db, max_points: int
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, z, colour, label, keep in (
-            (axes[0], z_f0, 69 + 12 * np.log2(np.maximum(f0, 1e-3) / 440), "pitch (MIDI)", f0 > 0),
+            (axes[0], z_f0, hz_to_midi(np.maximum(f0, 1e-3)), "pitch (MIDI)", f0 > 0),
             (axes[1], z_ld, loud, "loudness (dB)", np.ones_like(loud, dtype=bool))):
         index = np.flatnonzero(keep)
         index = rng.choice(index, min(max_points, len(index)), replace=False) if len(index) else index

@@ -11,12 +11,13 @@ from diffcraft.audio.io import write_wav
 from diffcraft.data.prepare import PrepareConfig, prepare
 from diffcraft.data.synthetic import render_phrase, write_dataset
 from diffcraft.errors import DataError
-from diffcraft.study.promote import checkpoint_for, promote
+from diffcraft.study.promote import resolve_checkpoint, promote
 from diffcraft.study.report import status_lines, write_report
 from diffcraft.study.runner import run_study
 from diffcraft.study.schema import load_study
 from diffcraft.study.tracking import default_tracking_uri
-from diffcraft.transfer import model_from_checkpoint, transfer_files
+from diffcraft.train.checkpoint import model_from_checkpoint
+from diffcraft.transfer import transfer_files
 
 QUICKSTART_STUDY = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
 
@@ -34,7 +35,7 @@ def quickstart(workdir: Path, seconds_per_stem: float = 24.0) -> Path:
     summary = prepare(source, cache, PrepareConfig())
     print("[quickstart] " + "\n".join(summary.lines()))
     study = load_study(QUICKSTART_STUDY, [f"run.data.cache={cache}", f"storage={workdir / 'studies'}"])
-    run_study(study, resume=(study.directory / "tune").is_dir())
+    run_study(study)
     print("[quickstart] " + "\n".join(status_lines(study)))
     report = write_report(study)
     print(f"[quickstart] report: {report}")
@@ -44,10 +45,10 @@ def quickstart(workdir: Path, seconds_per_stem: float = 24.0) -> Path:
           f"(version {promoted.version})")
     phrase = write_wav(workdir / "transfer" / "phrase.wav", render_phrase(seed=12345, seconds=8.0, sample_rate=16000).audio)
     tracking = default_tracking_uri(study.mlflow.tracking_uri)
-    model, _ = model_from_checkpoint(checkpoint_for(uri, tracking))
+    model, _ = model_from_checkpoint(resolve_checkpoint(uri, tracking))
     done, _ = transfer_files([phrase], model, phrase.parent, "crepe", pitch_shift=-12.0, crepe_model="tiny", plot=True)
     print(f"[quickstart] transferred a synthetic phrase an octave down with {uri}: {done[0]}")
     print(f"[quickstart] done in {time.time() - started:.0f} s. Open the runs in the MLflow UI with:\n"
           f"    mlflow ui --backend-store-uri {tracking} --port 5000\n"
           f"and browse http://127.0.0.1:5000 (experiment '{study.name}', model '{promoted.name}').")
-    return study.directory
+    return study.location.local_path()

@@ -12,14 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffcraft import HOP_LENGTH
+from diffcraft import HOP_LENGTH, SAMPLE_RATE
 from diffcraft.audio.crepe import crepe_pitch
 from diffcraft.audio.features import a_weighted_loudness
-from diffcraft.config import from_dict
-from diffcraft.errors import CheckpointError, ConfigError
+from diffcraft.errors import ConfigError
 from diffcraft.models.autoencoder import DiffCraft
-from diffcraft.train.checkpoint import load_checkpoint
-from diffcraft.train.config import RunConfig
 
 F0_SOURCES = ("encoder", "crepe")
 
@@ -29,21 +26,6 @@ class Transferred:
     audio: np.ndarray  # [samples] at 16 kHz
     f0_hz: np.ndarray  # [frames], after the pitch shift
     loudness_db: np.ndarray  # [frames], after the offset
-
-
-def model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[DiffCraft, RunConfig]:
-    """Rebuild the model from the config stored in a checkpoint and load its weights."""
-    state = load_checkpoint(path, device)
-    try:
-        cfg = from_dict(RunConfig, state["config"])
-    except (ConfigError, KeyError) as err:
-        raise CheckpointError(f"{path}: its stored config is not usable ({err})") from None
-    model = DiffCraft(cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit the stored config ({str(err).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg
 
 
 CHUNK_FRAMES = 3000  # 30 s of frames through the networks at a time
@@ -119,6 +101,13 @@ def timbre_transfer(model: DiffCraft, audio, f0_source: str = "encoder", pitch_s
     return Transferred(out.cpu().numpy(), f0_hz.cpu().numpy(), loudness_db.cpu().numpy())
 
 
+def resolve_f0_source(model: DiffCraft, f0_source: str) -> str:
+    """`auto` is the model's own encoder when it has one, else CREPE."""
+    if f0_source == "auto":
+        return "encoder" if model.encoder is not None else "crepe"
+    return f0_source
+
+
 def transfer_files(inputs: list[Path], model: DiffCraft, out_dir: Path, f0_source: str = "auto",
                    pitch_shift: float = 0.0, loudness_offset: float = 0.0, crepe_model: str = "full",
                    plot: bool = False) -> tuple[list[str], list[str]]:
@@ -130,7 +119,7 @@ def transfer_files(inputs: list[Path], model: DiffCraft, out_dir: Path, f0_sourc
     from diffcraft.audio.io import load_audio, write_wav
     from diffcraft.errors import AudioError
 
-    source = f0_source if f0_source != "auto" else ("encoder" if model.encoder is not None else "crepe")
+    source = resolve_f0_source(model, f0_source)
     out_dir.mkdir(parents=True, exist_ok=True)
     done, errors = [], []
     for path in inputs:
@@ -143,8 +132,9 @@ def transfer_files(inputs: list[Path], model: DiffCraft, out_dir: Path, f0_sourc
         out = timbre_transfer(model, audio, source, pitch_shift, loudness_offset, crepe_model)
         seconds = time.perf_counter() - started
         target = write_wav(out_dir / f"{Path(path).stem}_transfer.wav", out.audio, limit_peak=True)
-        line = (f"{path} -> {target}  ({len(audio) / 16000:.1f} s of audio in {seconds:.1f} s, "
-                f"real-time factor {seconds / (len(audio) / 16000):.3f}, F0 from {source})")
+        duration = len(audio) / SAMPLE_RATE
+        line = (f"{path} -> {target}  ({duration:.1f} s of audio in {seconds:.1f} s, "
+                f"real-time factor {seconds / duration:.3f}, F0 from {source})")
         if plot:
             from diffcraft.plots import spectrogram_figure
 

@@ -100,11 +100,6 @@ def from_dict(cls, data: dict | None, where: str = ""):
     return obj
 
 
-def to_dict(obj) -> dict:
-    """Plain nested dict of a config dataclass (what gets written back to YAML or logged)."""
-    return dataclasses.asdict(obj)
-
-
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
 
@@ -137,6 +132,32 @@ def load_yaml(path: str | Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def set_dotted(data: dict, key: str, value) -> dict:
+    """Set `a.b.c` in a nested mapping, creating sections on the way; the one dotted-key setter
+    for command-line overrides and searched study parameters alike."""
+    node = data
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[leaf] = value
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides (value parsed as YAML) to a nested config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not FIELD=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            set_dotted(data, key, parse_yaml(raw))
+        except ConfigError as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
     return data
 
 

@@ -46,7 +46,7 @@ def synth_cache(ray_local, synth_source, tmp_path_factory):
 
 def tiny_run_config(cache, out_dir, **train):
     """A run config small enough for a few CPU seconds per epoch."""
-    from diffcraft.config import from_dict
+    from diffcraft.typed_yaml import from_dict
     from diffcraft.train.config import RunConfig
 
     return from_dict(RunConfig, {

@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffcraft.audio.features import hz_to_cents
+from diffcraft.pitch import hz_to_cents
 from diffcraft.data.dataset import ClipDataset
 from diffcraft.plots import embedding_figure, interpolation_figure, loss_curve_figure, spectrogram_figure
 from diffcraft.train.loop import train
-from diffcraft.transfer import model_from_checkpoint, timbre_transfer
+from diffcraft.train.checkpoint import model_from_checkpoint
+from diffcraft.transfer import timbre_transfer
 from tests.conftest import sine, tiny_run_config
 
 ENCODER = {"encoding": "separate", "core": "gru", "width": 24, "latent_size": 4, "head_width": 16}
@@ -67,7 +68,7 @@ def test_timbre_transfer_keeps_length_and_shifts_pitch(synth_cache, tmp_path):
 def test_encoder_only_training_reaches_90_percent_raw_pitch_accuracy(ray_local, tmp_path):
     """Separate encoding (PCCC -> F0), deterministic latents, Mamba core, 30 epochs of 64 clips
     on 8 synthetic stems; accuracy on the held-out song's clips. About a minute on 2 CPU cores."""
-    from diffcraft.config import from_dict
+    from diffcraft.typed_yaml import from_dict
     from diffcraft.data.prepare import prepare
     from diffcraft.data.synthetic import write_dataset
     from diffcraft.train.config import RunConfig

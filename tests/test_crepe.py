@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from diffcraft.audio.crepe import crepe_pitch
-from diffcraft.audio.features import hz_to_cents
+from diffcraft.pitch import hz_to_cents
 from tests.conftest import sine
 
 

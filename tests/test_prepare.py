@@ -96,3 +96,36 @@ def test_prepare_cleans_leftovers_of_an_interrupted_run(ray_local, synth_source,
     again = prepare(synth_source, cache, progress=False)
     assert len(again.computed) == 1 and len(again.reused) == 2
     assert not (cache / "files" / ".tmp-half-written").exists()
+
+
+def test_prepare_reads_a_source_in_an_object_store_and_writes_the_cache_there(ray_local, synth_source, tmp_path,
+                                                                              monkeypatch):
+    """Both ends in a real S3 API server: the tasks read their files from the store, the cache is
+    written there, and a dataset stages a verified copy onto this node's disk."""
+    import boto3
+
+    from diffcraft.data.cache import read_manifest
+    from diffcraft.storage import Location
+    from tests.clusterkit import S3Server
+
+    with S3Server() as s3:
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("DIFFCRAFT_SCRATCH", str(tmp_path / "scratch"))
+        s3.create_bucket("data")
+        client = boto3.client("s3")
+        for path in synth_source.rglob("*"):
+            if path.is_file():
+                client.upload_file(str(path), "data", f"src/{path.relative_to(synth_source).as_posix()}")
+        first = prepare("s3://data/src", "s3://data/cache", progress=False)
+        assert len(first.computed) == 3 and not first.skipped
+        again = prepare("s3://data/src", "s3://data/cache", progress=False)
+        assert again.computed == [] and len(again.reused) == 3
+        manifest = read_manifest(Location.of("s3://data/cache"))
+        prepare(synth_source, tmp_path / "local-cache", progress=False)
+        local = json.loads((tmp_path / "local-cache" / "manifest.json").read_text())
+        for key in ("audio", "f0_hz"):  # the same arrays as a local prepare of the same files
+            assert {e["arrays"][key]["sha256"] for e in manifest["files"].values()} == \
+                {e["arrays"][key]["sha256"] for e in local["files"].values()}
+        train = ClipDataset("s3://data/cache", "train")
+        assert str(train.cache).startswith(str(tmp_path / "scratch")) and train[0]["audio"].shape == (64000,)

@@ -14,12 +14,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from diffcraft.audio.crepe import crepe_pitch
-from diffcraft.audio.features import hz_to_cents
+from diffcraft.pitch import hz_to_cents
 from diffcraft.errors import CheckpointError
-from diffcraft.study.promote import checkpoint_for, promote
+from diffcraft.study.promote import resolve_checkpoint, promote
 from diffcraft.study.runner import run_study
 from diffcraft.study.schema import StudyConfigError, load_study
-from diffcraft.transfer import model_from_checkpoint, timbre_transfer
+from diffcraft.train.checkpoint import model_from_checkpoint
+from diffcraft.transfer import timbre_transfer
 from tests.conftest import sine
 
 
@@ -129,7 +130,7 @@ def test_transfer_from_the_registry_follows_the_input_pitch_shifted(finished_stu
 def test_long_input_is_processed_in_chunks_without_seams(finished_study, monkeypatch):
     import diffcraft.transfer as transfer
 
-    model, _ = model_from_checkpoint(checkpoint_for(str(_any_checkpoint(finished_study))))
+    model, _ = model_from_checkpoint(resolve_checkpoint(str(_any_checkpoint(finished_study))))
     phrase = np.concatenate([sine(f, 2.0, 0.4) for f in (220, 247, 262, 294, 330, 349, 392, 440)])  # 16 s
     monkeypatch.setattr(transfer, "crepe_pitch", lambda audio, *a, **k: (
         np.full(len(audio) // 160, 300.0, np.float32), np.ones(len(audio) // 160, np.float32)))
@@ -147,5 +148,6 @@ def test_long_input_is_processed_in_chunks_without_seams(finished_study, monkeyp
 
 
 def _any_checkpoint(study):
-    trials = study.directory / "trials"
-    return next(p for p in sorted(trials.glob("*/checkpoints/best.pt")))
+    """A trial's checkpoint as Ray Train committed it in the study's storage."""
+    trials = study.location.local_path() / "train"
+    return next(p for p in sorted(trials.glob("*/checkpoint_*/state.pt")))

@@ -40,7 +40,7 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
     path = write_study(tmp_path, synth_cache, search={"algorithm": "grid", "space": {
         "model.decoder.core": {"grid": ["gru", "mamba"]}}})
     study = load_study(path)
-    results = run_study(study, verbose=0)
+    results = run_study(study, verbose=0).results
     assert len(results) == 2 and not results.errors
     client, parents, children = child_runs(study)
     assert len(parents) == 1 and len(children) == 2
@@ -63,8 +63,12 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
     assert "model.decoder.core=gru" in report and "val_mss_mean" in report
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} == {
         "report/s_report.md", "report/s_report.csv"}
-    with pytest.raises(StudyConfigError, match="already exists"):
-        run_study(study)
+    again = run_study(study, verbose=0)  # the same file again continues the finished study: nothing reruns
+    assert not again.interrupted and again.counts == {"FINISHED": 2}
+    assert len(child_runs(study)[2]) == 2
+    changed = load_study(path, ["run.train.epochs=5"])
+    with pytest.raises(StudyConfigError, match=r"different study file \(run.train.epochs differ\)"):
+        run_study(changed, verbose=0)
 
 
 def test_optuna_with_asha_stops_a_trial_early(ray_local, synth_cache, tmp_path):
@@ -73,7 +77,7 @@ def test_optuna_with_asha_stops_a_trial_early(ray_local, synth_cache, tmp_path):
                                "space": {"train.lr": {"loguniform": [1e-7, 3e-3]}}},
                        scheduler={"kind": "asha", "grace_epochs": 1, "reduction_factor": 2})
     study = load_study(path)
-    results = run_study(study, verbose=0)
+    results = run_study(study, verbose=0).results
     iterations = sorted(r.metrics["training_iteration"] for r in results)
     assert len(iterations) == 5 and iterations[0] < 4 and iterations[-1] == 4
     _, _, children = child_runs(study)
@@ -88,7 +92,7 @@ def test_a_failing_trial_fails_alone(ray_local, synth_cache, tmp_path):
     path = write_study(tmp_path, synth_cache, search={"algorithm": "grid", "space": {
         "train.lr": {"grid": [1e-3, 1e12]}}})
     study = load_study(path)
-    results = run_study(study, verbose=0)
+    results = run_study(study, verbose=0).results
     assert len(results) == 2 and len(results.errors) == 1
     _, _, children = child_runs(study)
     by_lr = {r.data.params["train.lr"]: r for r in children}
@@ -99,7 +103,7 @@ def test_a_failing_trial_fails_alone(ray_local, synth_cache, tmp_path):
 
 def test_unschedulable_trial_fails_fast_with_the_numbers(ray_local, synth_cache, tmp_path):
     study = load_study(write_study(tmp_path, synth_cache, resources={"cpus_per_worker": 64}))
-    with pytest.raises(StudyConfigError, match=r"needs 64 CPUs .* has 2 CPUs"):
+    with pytest.raises(StudyConfigError, match=r"one worker needs 64 CPU and 0 GPU on one node, and no node has that"):
         run_study(study, verbose=0)
 
 
@@ -118,7 +122,7 @@ def test_unschedulable_trial_fails_fast_with_the_numbers(ray_local, synth_cache,
     ({"resources": {"cpus_per_worker": 0}}, "resources"),
     ({"concurrency": 0}, "concurrency"),
     ({"collapse_guard": {"action": "warn"}}, "collapse_guard"),
-    ({"run": {"train": {"epochs": "many"}}}, "run: train.epochs: expected an integer, got 'many'"),
+    ({"run": {"train": {"epochs": "many"}}}, "run.train.epochs: expected an integer, got 'many'"),
     ({"bogus": 1}, "unknown field bogus"),
     ({"name": "bad name!"}, "name: 'bad name!'"),
 ])
@@ -226,9 +230,9 @@ def test_shipped_studies_validate(name):
 
 def test_a_two_worker_ray_train_trial_runs_on_cpu(ray_local, synth_cache, tmp_path):
     path = write_study(tmp_path, synth_cache, resources={"workers": 2, "cpus_per_worker": 0.5},
-                       run={"data": {"clips_per_epoch": 8}}, concurrency=1)
+                       run={"data": {"clips_per_epoch": 8, "batch_size": 4}}, concurrency=1)
     study = load_study(path)
-    results = run_study(study, verbose=0)
+    results = run_study(study, verbose=0).results
     assert not results.errors and results[0].metrics["training_iteration"] == 2
     client, _, children = child_runs(study)
     run = children[0]
@@ -236,11 +240,62 @@ def test_a_two_worker_ray_train_trial_runs_on_cpu(ray_local, synth_cache, tmp_pa
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")] == [0, 1]
     from diffcraft.train.checkpoint import load_checkpoint
 
-    state = load_checkpoint(next((tmp_path / "studies" / "s" / "trials").iterdir()) / "checkpoints" / "last.pt")
-    assert state["step"] == 2 * 2  # 8 clips per epoch, 2 ranks x batch 2: 2 steps per epoch
+    trial_dir = next((tmp_path / "studies" / "s" / "train").iterdir())
+    latest = max(trial_dir.glob("checkpoint_*/state.pt"), key=lambda p: load_checkpoint(p)["epoch"])
+    state = load_checkpoint(latest)
+    assert state["step"] == 2 * 2  # 8 clips per epoch, global batch 4 = 2 ranks x 2: 2 steps per epoch
 
 
-def test_two_workers_of_one_cpu_each_do_not_fit_two_cpus(ray_local, synth_cache, tmp_path):
-    study = load_study(write_study(tmp_path, synth_cache, resources={"workers": 2, "cpus_per_worker": 1}))
-    with pytest.raises(StudyConfigError, match=r"needs 2.01 CPUs"):
+def test_three_workers_of_one_cpu_each_do_not_fit_two_cpus(ray_local, synth_cache, tmp_path):
+    study = load_study(write_study(tmp_path, synth_cache, resources={"workers": 3, "cpus_per_worker": 1},
+                                   run={"data": {"batch_size": 3}}))
+    with pytest.raises(StudyConfigError, match=r"one trial needs 3 CPUs"):
         run_study(study, verbose=0)
+
+
+def test_study_run_exits_non_zero_when_a_trial_failed(synth_cache, tmp_path):
+    import subprocess
+    import sys
+
+    path = write_study(tmp_path, synth_cache, run={"train": {"epochs": 1}},
+                       search={"algorithm": "grid", "space": {"train.lr": {"grid": [1e-3, 1e12]}}})
+    done = subprocess.run([sys.executable, "-m", "diffcraft.cli", "study", "run", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "1 trial(s) failed" in done.stderr and "2 trials (1 failed, 1 finished)" in done.stdout
+
+
+def test_sigterm_ends_the_study_run_killed_and_resume_finishes_it(synth_cache, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_study(tmp_path, synth_cache, run={"train": {"epochs": 3}}, concurrency=1,
+                       search={"algorithm": "grid", "space": {"model.decoder.core": {"grid": ["gru", "mamba"]}}})
+    study = load_study(path)
+    proc = subprocess.Popen([sys.executable, "-m", "diffcraft.cli", "study", "run", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            client, _, children = child_runs(study)
+            if children and client.get_metric_history(children[0].info.run_id, "val_mss_mean"):
+                break
+        except Exception:  # noqa: BLE001 - the experiment is not created yet
+            pass
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)  # the driver alone, as a scheduler or `kill` would
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    _, parents, children = child_runs(study)
+    assert parents[0].info.status == "KILLED" and not [r for r in children if r.info.status == "RUNNING"]
+    done = subprocess.run([sys.executable, "-m", "diffcraft.cli", "study", "run", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # the same file again continues it
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, parents, children = child_runs(study)
+    assert parents[0].info.status == "FINISHED" and len(children) == 2
+    assert all(r.info.status == "FINISHED" for r in children)
+    for run in children:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")) == [0, 1, 2]

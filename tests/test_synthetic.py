@@ -1,7 +1,7 @@
 import numpy as np
 
 from diffcraft.audio.crepe import crepe_pitch
-from diffcraft.audio.features import hz_to_cents
+from diffcraft.pitch import hz_to_cents
 from diffcraft.audio.io import resample
 from diffcraft.data.synthetic import render_phrase
 

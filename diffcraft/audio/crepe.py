@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diffcraft import HOP_LENGTH, SAMPLE_RATE
-from diffcraft.audio.features import peak_weighted_hz
+from diffcraft.pitch import peak_weighted_hz
 
 CREPE_CENTS_OFFSET = 1997.3794084376191  # cents above 10 Hz of CREPE bin 0 (31.70 Hz)
 CREPE_BINS = 360
-CENTS_PER_BIN = 20.0
+CREPE_CENTS_PER_BIN = 20.0
 CREPE_MODELS = ("tiny", "full")
 
 
@@ -59,7 +59,7 @@ def load_torchcrepe():
 
 def decode_weighted_argmax(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """probs: [n_frames, 360] -> (f0_hz [n_frames], periodicity [n_frames])."""
-    cents = CENTS_PER_BIN * torch.arange(CREPE_BINS, device=probs.device) + CREPE_CENTS_OFFSET
+    cents = CREPE_CENTS_PER_BIN * torch.arange(CREPE_BINS, device=probs.device) + CREPE_CENTS_OFFSET
     return peak_weighted_hz(probs, cents), probs.max(dim=1).values
 
 

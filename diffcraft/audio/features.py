@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diffcraft import HOP_LENGTH, SAMPLE_RATE
+from diffcraft.pitch import A0_MIDI, C8_MIDI, midi_to_hz
 
 N_FFT = 2048
 WIN_LENGTH = 512
@@ -96,10 +97,6 @@ def unscale_loudness(scaled: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- PCCC
 
-def piano_key_hz(midi) -> np.ndarray:
-    return 440.0 * 2.0 ** ((np.asarray(midi, dtype=np.float64) - 69.0) / 12.0)
-
-
 @lru_cache(maxsize=4)
 def piano_filterbank(n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE,
                      min_width_bins: float = 1.0) -> np.ndarray:
@@ -111,8 +108,8 @@ def piano_filterbank(n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE,
     """
     bin_hz = np.arange(n_fft // 2 + 1) * sample_rate / n_fft
     min_width = min_width_bins * sample_rate / n_fft
-    midi = np.arange(21, 109)
-    centre, below, above = piano_key_hz(midi), piano_key_hz(midi - 1), piano_key_hz(midi + 1)
+    midi = np.arange(A0_MIDI, C8_MIDI + 1)
+    centre, below, above = midi_to_hz(midi), midi_to_hz(midi - 1), midi_to_hz(midi + 1)
     lower = np.maximum(centre - below, min_width)[:, None]
     upper = np.maximum(above - centre, min_width)[:, None]
     delta = bin_hz[None, :] - centre[:, None]
@@ -154,29 +151,3 @@ def pccc(audio, n_coeffs: int = PCCC_COEFFS, eps: float = 1e-5) -> torch.Tensor:
     dct, dst = (torch.as_tensor(b, device=device) for b in _cepstral_bases(N_KEYS, n_coeffs))
     out = torch.cat([log_mag @ dct, phase @ dst], dim=-1)
     return out[0] if squeeze else out
-
-
-def hz_to_cents(f0_hz, ref_hz: float = 10.0):
-    """Cents above 10 Hz (the F0 decoder's and CREPE's reference)."""
-    if isinstance(f0_hz, torch.Tensor):
-        return 1200.0 * torch.log2(f0_hz / ref_hz)
-    return 1200.0 * np.log2(np.asarray(f0_hz) / ref_hz)
-
-
-def cents_to_hz(cents, ref_hz: float = 10.0):
-    if isinstance(cents, torch.Tensor):
-        return ref_hz * torch.pow(2.0, cents / 1200.0)
-    return ref_hz * 2.0 ** (np.asarray(cents) / 1200.0)
-
-
-def peak_weighted_hz(probabilities: torch.Tensor, bin_cents: torch.Tensor, window: int = 4) -> torch.Tensor:
-    """Pitch from a distribution over pitch bins: the probability-weighted mean of the bin cents
-    within `window` bins of the most probable bin (CREPE's decoding; kept local so that mass on a
-    far octave does not drag the estimate between notes). [..., n_bins] -> Hz [...]."""
-    peak = probabilities.argmax(-1, keepdim=True)
-    bins = torch.arange(probabilities.shape[-1], device=probabilities.device)
-    weights = probabilities * ((bins - peak).abs() <= window)
-    cents = (weights * bin_cents).sum(-1) / weights.sum(-1).clamp_min(1e-8)
-    return cents_to_hz(cents)
-
-

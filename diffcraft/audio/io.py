@@ -49,8 +49,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_samples: in
     With `data`, the file's bytes are decoded instead (a Ray worker on another node gets the
     bytes, not the path); `path` then only names the file in errors.
     """
-    path = Path(path)
     if data is None:
+        path = Path(path)
         if not path.is_file():
             raise AudioError(path, "no such file")
         data = path.read_bytes()

@@ -7,27 +7,25 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffcraft.data.prepare import ARRAYS, load_manifest
+from diffcraft.data.cache import ARRAYS, SPLITS, local_cache, require_manifest
 from diffcraft.errors import DataError
-
-SPLITS = ("train", "validation")
+from diffcraft.storage import Location
 
 
 class ClipDataset(Dataset):
-    """4 s clips of one split: item = {audio [64000], f0_hz, voicing, loudness_db [400]}."""
+    """4 s clips of one split: item = {audio [64000], f0_hz, voicing, loudness_db [400]}.
+    `cache` is a folder or a URI; a remote cache is staged onto this node's disk first."""
 
     def __init__(self, cache: str | Path, split: str = "train"):
         if split not in SPLITS:
             raise DataError(f"split {split!r} is not one of {SPLITS}")
-        self.cache = Path(cache)
-        manifest = load_manifest(self.cache)
-        if manifest is None:
-            raise DataError(f"{self.cache}: no feature cache here (run `diffcraft data prepare` first)")
+        self.cache = local_cache(str(cache))
+        manifest = require_manifest(Location.of(str(self.cache)))
         self.dirs = sorted(e["dir"] for e in manifest["files"].values() if e["split"] == split)
         counts = {e["dir"]: e["n_clips"] for e in manifest["files"].values()}
         self.index = [(d, i) for d in self.dirs for i in range(counts[d])]
         if not self.index:
-            raise DataError(f"{self.cache}: the {split} split has no clips "
+            raise DataError(f"{cache}: the {split} split has no clips "
                             f"(songs: {len({e['song'] for e in manifest['files'].values()})})")
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
 

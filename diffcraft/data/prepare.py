@@ -4,14 +4,14 @@ Per file: load at 16 kHz, label F0 (the dataset's annotation, else CREPE), cut s
 than 100 ms, cut 4 s clips, compute loudness on each clip. Files fan out as Ray tasks; the driver
 sends each task the file's bytes (so workers on other nodes need no shared filesystem) and writes
 each finished file into the cache, then the manifest, atomically. A rerun recomputes only the files
-whose content or parameters changed; an interrupted run loses only the files in flight.
+whose content or parameters changed; an interrupted run loses only the files in flight. The cache
+may be a folder or an object-store URI (`--out s3://bucket/caches/violin`); its format lives in
+`diffcraft.data.cache`.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
+import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +25,10 @@ from diffcraft.audio.crepe import CREPE_MODELS, crepe_pitch
 from diffcraft.audio.features import a_weighted_loudness
 from diffcraft.audio.io import load_audio
 from diffcraft.data.sources import SourceFile, annotation_on_frames, discover, read_mdb_annotation
+from diffcraft.data.cache import (MANIFEST_VERSION, read_manifest, remove_leftovers, sha256_of, write_arrays,
+                                  write_manifest)
 from diffcraft.errors import AudioError, ConfigError, DataError
-
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-ARRAYS = ("audio", "f0_hz", "voicing", "loudness_db")
+from diffcraft.storage import Location, is_remote
 
 
 @dataclass
@@ -59,7 +58,7 @@ class PrepareConfig:
 
 @dataclass
 class PrepareSummary:
-    cache: Path
+    cache: str
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -119,41 +118,17 @@ def process_file(source: SourceFile, cfg: PrepareConfig, audio_bytes: bytes,
 
 
 def _process_or_reason(source, cfg, audio_bytes, annotation_bytes):
-    """Ray task body: arrays, or the AudioError's problem as a string (a bad file is data)."""
+    """Ray task body: arrays, or the AudioError's problem as a string (a bad file is data). A
+    remote source's task reads its own file from the store (no bytes through the driver)."""
     try:
+        if source.remote:
+            audio_bytes = Location(source.path).read_bytes()
+            annotation_bytes = Location(source.annotation).read_bytes() if source.annotation else None
+            if audio_bytes is None:
+                raise AudioError(source.path, "is gone from the store")
         return process_file(source, cfg, audio_bytes, annotation_bytes)
     except AudioError as err:
         return err.problem
-
-
-def _sha256(*paths: Path | None) -> str:
-    """One content hash over the audio file and its annotation (streamed, not held in memory)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        if path is not None:
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _write_arrays(cache: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write a file's arrays into cache/files/<name>/ as a whole or not at all."""
-    final = cache / "files" / name
-    tmp = cache / "files" / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for key in ARRAYS:
-        np.save(tmp / f"{key}.npy", np.ascontiguousarray(arrays[key], dtype=np.float32))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
 
 
 def split_songs(songs: list[str], fraction: float) -> dict[str, str]:
@@ -163,37 +138,27 @@ def split_songs(songs: list[str], fraction: float) -> dict[str, str]:
     return {song: ("validation" if i < n_val else "train") for i, song in enumerate(ranked)}
 
 
-def load_manifest(cache: Path) -> dict | None:
-    path = Path(cache) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: corrupt manifest ({err}); delete the cache folder to rebuild") from None
-
-
 def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = None,
             address: str | None = None, num_cpus: int | None = None, stems=None, instruments=None,
             metadata_dir=None, progress: bool = True) -> PrepareSummary:
     """Build or update the feature cache at `cache` from `source`; see the module docstring."""
-    from diffcraft.raytools import ray_session
+    from diffcraft.raytools import forwarded_env, ray_session
 
     started = time.time()
     cfg = cfg or PrepareConfig()
     cfg.validate()
-    source, cache = Path(source).resolve(), Path(cache).resolve()
+    source, cache = str(source), Location.of(str(cache))
+    if not is_remote(source):
+        source = str(Path(source).resolve())
     files = discover(source, stems, instruments, metadata_dir)
-    (cache / "files").mkdir(parents=True, exist_ok=True)
-    for stale in (cache / "files").glob(".tmp-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_leftovers(cache)
     params = cfg.params()
-    manifest = load_manifest(cache) or {}
+    manifest = read_manifest(cache) or {}
     entries = manifest.get("files", {}) if manifest.get("params") == params else {}
-    summary = PrepareSummary(cache)
-    current = {f.path.relative_to(source).as_posix(): f for f in files}
+    summary = PrepareSummary(cache.uri)
+    current = {f.key: f for f in files}
     for rel in sorted(set(entries) - set(current)):
-        shutil.rmtree(cache / "files" / entries.pop(rel)["dir"], ignore_errors=True)
+        (cache / "files" / entries.pop(rel)["dir"]).delete()
         summary.removed.append(rel)
     skipped = dict(manifest.get("skipped", {})) if manifest.get("params") == params else {}
     for rel in list(skipped):
@@ -205,19 +170,22 @@ def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = N
         splits = split_songs(sorted(songs), cfg.validation_fraction)
         for entry in entries.values():
             entry["split"] = splits[entry["song"]]
-        _atomic_write_json(cache / MANIFEST, {
+        write_manifest(cache, {
             "version": MANIFEST_VERSION, "source": str(source), "params": params,
             "validation_fraction": cfg.validation_fraction, "files": entries, "skipped": skipped})
 
     todo = []
     for rel, src in current.items():
-        if src.annotation is not None and not src.annotation.is_file():
-            skipped[rel] = {"reason": f"annotation {src.annotation.name} is missing", "sha256": None}
+        if src.annotation is not None and not (Location(src.annotation).exists() if src.remote
+                                               else Path(src.annotation).is_file()):
+            skipped[rel] = {"reason": f"annotation {posixpath.basename(str(src.annotation))} is missing",
+                            "sha256": None}
             entries.pop(rel, None)
             continue
-        digest = _sha256(src.path, src.annotation)
+        digest = (hashlib.sha256(src.stamp.encode()).hexdigest() if src.remote
+                  else sha256_of(src.path, src.annotation))
         entry = entries.get(rel)
-        if entry and entry["sha256"] == digest and (cache / "files" / entry["dir"]).is_dir():
+        if entry and entry["sha256"] == digest and (cache / "files" / entry["dir"]).exists():
             summary.reused.append(rel)
         elif skipped.get(rel, {}).get("sha256") == digest:
             continue  # known bad and unchanged: listed again, not recomputed
@@ -226,15 +194,20 @@ def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = N
 
     if todo:
         with ray_session(address, num_cpus) as ray:
-            task = ray.remote(num_cpus=1, max_retries=1)(_process_or_reason)
+            # the store's endpoint and keys reach the tasks even on a Ray started before they were set
+            task = ray.remote(num_cpus=1, max_retries=1)(_process_or_reason).options(
+                runtime_env={"env_vars": forwarded_env()})
             max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
             pending, queue = {}, list(todo)
             bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress)
             while queue or pending:
                 while queue and len(pending) < max_in_flight:
                     rel, src, digest = queue.pop(0)
-                    ann = src.annotation.read_bytes() if src.annotation else None
-                    ref = task.remote(src, cfg, src.path.read_bytes(), ann)
+                    if src.remote:
+                        ref = task.remote(src, cfg, None, None)
+                    else:
+                        ann = src.annotation.read_bytes() if src.annotation else None
+                        ref = task.remote(src, cfg, src.path.read_bytes(), ann)
                     pending[ref] = (rel, src, digest)
                 done, _ = ray.wait(list(pending), num_returns=1)
                 rel, src, digest = pending.pop(done[0])
@@ -243,14 +216,14 @@ def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = N
                     skipped[rel] = {"reason": result, "sha256": digest}
                     old = entries.pop(rel, None)
                     if old:
-                        shutil.rmtree(cache / "files" / old["dir"], ignore_errors=True)
+                        (cache / "files" / old["dir"]).delete()
                 else:
-                    name = f"{src.path.name.split('.')[0][:60]}-{digest[:10]}"
-                    _write_arrays(cache, name, result)
+                    name = f"{src.name.split('.')[0][:60]}-{digest[:10]}"
+                    arrays = write_arrays(cache, name, result)
                     old = entries.get(rel)
                     if old and old["dir"] != name:
-                        shutil.rmtree(cache / "files" / old["dir"], ignore_errors=True)
-                    entries[rel] = {"sha256": digest, "song": src.song, "dir": name,
+                        (cache / "files" / old["dir"]).delete()
+                    entries[rel] = {"sha256": digest, "song": src.song, "dir": name, "arrays": arrays,
                                     "n_clips": int(result["audio"].shape[0])}
                     skipped.pop(rel, None)
                     summary.computed.append(rel)
@@ -260,7 +233,7 @@ def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = N
             bar.close()
     save_manifest()
     summary.skipped = {rel: item["reason"] for rel, item in skipped.items()}
-    final = load_manifest(cache)
+    final = read_manifest(cache)
     for entry in final["files"].values():
         summary.n_clips[entry["split"]] = summary.n_clips.get(entry["split"], 0) + entry["n_clips"]
     summary.seconds = sum(summary.n_clips.values()) * CLIP_SAMPLES / SAMPLE_RATE

@@ -7,6 +7,7 @@ when the dataset ships ground-truth F0 (otherwise CREPE labels it).
 from __future__ import annotations
 
 import io
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,19 @@ AUDIO_SUFFIXES = {"." + fmt.lower() for fmt in sf.available_formats()} | {".aif"
 
 @dataclass(frozen=True)
 class SourceFile:
-    path: Path  # the audio file
+    path: Path | str  # the audio file: a local path, or a URI that Ray workers read themselves
     song: str  # split group
-    annotation: Path | None = None  # MDB csv with exact F0, or None for CREPE labels
+    annotation: Path | str | None = None  # MDB csv with exact F0, or None for CREPE labels
+    key: str = ""  # the path relative to the source root: the file's name in the manifest
+    stamp: str = ""  # a remote file's identity (sizes and modification times), hashed without reading it
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.path, str)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(str(self.path))
 
 
 def is_mdb_stem_synth(root: Path) -> bool:
@@ -48,6 +59,32 @@ def _instrument_map(metadata_dir: Path) -> dict[str, str]:
     return mapping
 
 
+def _wanted_tracks(stems, instruments, meta_dir: Path) -> set[str] | None:
+    """Track ids selected by stem id and/or instrument (None: every track)."""
+    wanted = None
+    if instruments:
+        if not meta_dir.is_dir():
+            raise DataError(f"{meta_dir}: selecting by instrument needs MedleyDB metadata files here")
+        names = {i.lower() for i in instruments}
+        wanted = {track for track, inst in _instrument_map(meta_dir).items() if inst.lower() in names}
+    if stems:
+        wanted = set(stems) if wanted is None else wanted & set(stems)
+    return wanted
+
+
+def _mdb_stems(audio_names, wanted: set[str] | None) -> list[tuple[str, str, str]]:
+    """(audio file name, track id, song) of the wanted `*.RESYN.wav` stems among `audio_names`."""
+    found = []
+    for name in sorted(audio_names):
+        match = STEM_PATTERN.match(name[: -len(".wav")]) if name.endswith(".RESYN.wav") else None
+        if match is None:
+            continue
+        track = f"{match['song']}_STEM_{match['stem']}"
+        if wanted is None or track in wanted:
+            found.append((name, track, match["song"]))
+    return found
+
+
 def mdb_stem_synth(root: str | Path, stems: list[str] | None = None,
                    instruments: list[str] | None = None,
                    metadata_dir: str | Path | None = None) -> list[SourceFile]:
@@ -59,28 +96,41 @@ def mdb_stem_synth(root: str | Path, stems: list[str] | None = None,
     root = Path(root)
     if not is_mdb_stem_synth(root):
         raise DataError(f"{root}: not an MDB-stem-synth tree (needs audio_stems/ and annotation_stems/)")
-    wanted = None
-    if instruments:
-        meta_dir = Path(metadata_dir) if metadata_dir else root / "metadata"
-        if not meta_dir.is_dir():
-            raise DataError(f"{meta_dir}: selecting by instrument needs MedleyDB metadata files here")
-        by_track = _instrument_map(meta_dir)
-        names = {i.lower() for i in instruments}
-        wanted = {track for track, inst in by_track.items() if inst.lower() in names}
-    if stems:
-        wanted = set(stems) if wanted is None else wanted & set(stems)
-    files = []
-    for audio in sorted((root / "audio_stems").glob("*.RESYN.wav")):
-        match = STEM_PATTERN.match(audio.name[: -len(".wav")])
-        if match is None:
-            continue
-        track = f"{match['song']}_STEM_{match['stem']}"
-        if wanted is not None and track not in wanted:
-            continue
-        annotation = root / "annotation_stems" / f"{track}.RESYN.csv"
-        files.append(SourceFile(audio, match["song"], annotation))
+    wanted = _wanted_tracks(stems, instruments, Path(metadata_dir) if metadata_dir else root / "metadata")
+    files = [SourceFile(root / "audio_stems" / name, song, root / "annotation_stems" / f"{track}.RESYN.csv",
+                        key=f"audio_stems/{name}")
+             for name, track, song in _mdb_stems([p.name for p in (root / "audio_stems").glob("*.RESYN.wav")], wanted)]
     if not files:
         raise DataError(f"{root}: no stems matched (stems={stems}, instruments={instruments})")
+    return files
+
+
+def remote_source(uri: str, stems=None, instruments=None, metadata_dir=None) -> list[SourceFile]:
+    """The same two layouts in an object store, found by listing it: the files stay there and each
+    Ray task reads its own (MedleyDB metadata for `instruments` comes from a local folder)."""
+    from diffcraft.storage import Location
+
+    root = Location.of(uri)
+    listing = root.list_info()
+    stamp = lambda *keys: "|".join(f"{k}:{listing[k][0]}:{listing[k][1]}" for k in keys if k in listing)  # noqa: E731
+    audio_names = [k.split("/", 1)[1] for k in listing if k.startswith("audio_stems/") and k.count("/") == 1]
+    if audio_names and any(k.startswith("annotation_stems/") for k in listing):
+        if instruments and not metadata_dir:
+            raise DataError(f"{uri}: selecting by instrument in an object store needs --metadata FOLDER (local)")
+        wanted = _wanted_tracks(stems, instruments, Path(metadata_dir or "."))
+        files = []
+        for name, track, song in _mdb_stems(audio_names, wanted):
+            key, ann = f"audio_stems/{name}", f"annotation_stems/{track}.RESYN.csv"
+            files.append(SourceFile(str(root / key), song, str(root / ann), key=key, stamp=stamp(key, ann)))
+        if not files:
+            raise DataError(f"{uri}: no stems matched (stems={stems}, instruments={instruments})")
+        return files
+    if stems or instruments:
+        raise DataError(f"{uri}: stems and instruments can only be selected in an MDB-stem-synth tree")
+    files = [SourceFile(str(root / key), posixpath.splitext(key)[0], key=key, stamp=stamp(key))
+             for key in sorted(listing) if posixpath.splitext(key)[1].lower() in AUDIO_SUFFIXES]
+    if not files:
+        raise DataError(f"{uri}: no audio files found ({', '.join(sorted(AUDIO_SUFFIXES))})")
     return files
 
 
@@ -89,7 +139,7 @@ def audio_folder(root: str | Path) -> list[SourceFile]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    files = [SourceFile(p, p.relative_to(root).with_suffix("").as_posix())
+    files = [SourceFile(p, p.relative_to(root).with_suffix("").as_posix(), key=p.relative_to(root).as_posix())
              for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
     if not files:
         raise DataError(f"{root}: no audio files found ({', '.join(sorted(AUDIO_SUFFIXES))})")
@@ -97,7 +147,12 @@ def audio_folder(root: str | Path) -> list[SourceFile]:
 
 
 def discover(root: str | Path, stems=None, instruments=None, metadata_dir=None) -> list[SourceFile]:
-    """MDB-stem-synth when the tree has its layout, else a folder of audio files."""
+    """MDB-stem-synth when the tree has its layout, else a folder of audio files; `root` may be a
+    folder or an object-store URI."""
+    from diffcraft.storage import is_remote
+
+    if is_remote(str(root)):
+        return remote_source(str(root), stems, instruments, metadata_dir)
     root = Path(root)
     if is_mdb_stem_synth(root):
         return mdb_stem_synth(root, stems, instruments, metadata_dir)

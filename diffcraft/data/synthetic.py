@@ -16,6 +16,8 @@ import numpy as np
 import scipy.signal
 import yaml
 
+from diffcraft.pitch import midi_to_hz
+
 MAJOR_SCALE = np.array([0, 2, 4, 5, 7, 9, 11])
 BODY_RESONANCES_HZ = np.array([280.0, 460.0, 700.0, 1100.0, 2600.0])
 BODY_GAINS_DB = np.array([9.0, 7.0, 5.0, 4.0, 8.0])
@@ -90,7 +92,7 @@ def render_phrase(seed: int, seconds: float = 20.0, sample_rate: int = 44100,
         vibrato[i0:i1] = ramp * vibrato_depth_cents / 100 * np.sin(2 * np.pi * vibrato_rate * seg)
         previous = note
     voiced = ~np.isnan(midi)
-    f0 = np.where(voiced, 440.0 * 2 ** ((np.nan_to_num(midi) + vibrato - 69) / 12), 0.0)
+    f0 = np.where(voiced, midi_to_hz(np.nan_to_num(midi) + vibrato), 0.0)
     smooth = scipy.signal.lfilter([0.02], [1, -0.98], envelope * dynamics)  # ~1 ms bow smoothing
     phase = 2 * np.pi * np.cumsum(f0) / sample_rate  # float64: no drift over long phrases
     audio = np.zeros(n)

@@ -1,1 +1,2 @@
-"""Models: the DDSP decoder (and, next, the encoders and the autoencoder)."""
+"""Models: the DDSP decoder (`decoder`), the audio encoder with its F0 and loudness decoders
+(`encoders`), and DiffCraft, the two joined by training stage (`autoencoder`)."""

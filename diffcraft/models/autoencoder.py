@@ -10,26 +10,20 @@ The training stage decides which parts exist and what feeds the decoder:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from diffcraft.errors import ConfigError
 from diffcraft.models.decoder import DDSPDecoder, DecoderConfig
 from diffcraft.models.encoders import AudioEncoder, EncoderConfig
-
-STAGES = ("decoder", "encoder", "joint")
 
 
 @dataclass
 class ModelConfig:
-    stage: str = "decoder"  # decoder | encoder | joint
+    stage: Literal["decoder", "encoder", "joint"] = "decoder"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-
-    def validate(self, where: str = "") -> None:
-        if self.stage not in STAGES:
-            raise ConfigError(f"{where + '.' if where else ''}stage: {self.stage!r} is not one of {list(STAGES)}")
 
 
 class DiffCraft(nn.Module):

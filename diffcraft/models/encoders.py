@@ -13,26 +13,24 @@ Latents are per frame, `deterministic` (a plain autoencoder: the paper's "differ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from diffcraft import HOP_LENGTH
+from diffcraft import HOP_LENGTH, pitch
 from diffcraft.audio.features import PCCC_COEFFS, log_magnitude_stft, pccc, unscale_loudness
 from diffcraft.errors import ConfigError
-from diffcraft.models import pitch
-from diffcraft.nn.cores import CORES, make_core
+from diffcraft.nn.cores import CoreName, make_core
 
-ENCODINGS = ("dual", "separate")
-LATENTS = ("deterministic", "vae")
 LOGVAR_RANGE = (-12.0, 6.0)
 
 
 @dataclass
 class EncoderConfig:
-    encoding: str = "separate"  # dual | separate
-    latent: str = "deterministic"  # deterministic | vae
-    core: str = "mamba"  # sequence core of each feature encoder
+    encoding: Literal["dual", "separate"] = "separate"
+    latent: Literal["deterministic", "vae"] = "deterministic"
+    core: CoreName = "mamba"  # sequence core of each feature encoder
     width: int = 256  # embedding and core width of each feature encoder
     core_layers: int = 1
     latent_size: int = 16  # per frame, per latent
@@ -40,9 +38,6 @@ class EncoderConfig:
 
     def validate(self, where: str = "") -> None:
         p = f"{where}." if where else ""
-        for name, allowed in (("encoding", ENCODINGS), ("latent", LATENTS), ("core", CORES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{p}{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
         for name in ("width", "core_layers", "latent_size", "head_width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: {getattr(self, name)} must be at least 1")

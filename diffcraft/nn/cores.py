@@ -7,12 +7,15 @@ Mamba, so the comparison isolates the recurrence itself.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
 from diffcraft.nn.mamba import Mamba
 
-CORES = ("gru", "mamba", "bigru", "bimamba")
+CoreName = Literal["gru", "mamba", "bigru", "bimamba"]  # the names study files use
+CORES = get_args(CoreName)
 
 
 class GRUCore(nn.Module):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from diffcraft.study.runner import started_state
+from diffcraft.study.state import started_state
 from diffcraft.study.tracking import metric_at, trial_runs
-from diffcraft.study.schema import StudyConfig
+from diffcraft.study.schema import StudyConfig, best_of
 
 
 @dataclass
@@ -38,8 +38,7 @@ def trial_records(study: StudyConfig) -> list[TrialRecord]:
         history = client.get_metric_history(run.info.run_id, objective)
         best_step = None
         if history:
-            pick = min if mode == "min" else max
-            best_step = pick(history, key=lambda m: m.value).step
+            best_step = best_of(history, key=lambda m: m.value, mode=mode).step
         best = {}
         if best_step is not None:
             for key in run.data.metrics:
@@ -68,8 +67,7 @@ def status_lines(study: StudyConfig) -> list[str]:
                      f"{', '.join(f'{k}={v}' for k, v in sorted(r.params.items()))}{flag}")
     done = [r for r in records if objective in r.best]
     if done:
-        pick = min if study.objective.mode == "min" else max
-        best = pick(done, key=lambda r: r.best[objective])
+        best = best_of(done, key=lambda r: r.best[objective], mode=study.objective.mode)
         lines.append(f"best so far: {best.trial} {objective} {best.best[objective]:.4f}")
     return lines
 
@@ -103,7 +101,7 @@ def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
     clips and seeds; markdown and CSV, logged to the study's parent run."""
     state = started_state(study)
     records = [r for r in trial_records(study) if r.best]
-    out_dir = Path(out_dir or study.directory / "report")
+    out_dir = Path(out_dir) if out_dir else _report_dir(study)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[TrialRecord]] = {}
     for r in records:
@@ -144,10 +142,18 @@ def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
     return md_path
 
 
+def _report_dir(study: StudyConfig) -> Path:
+    """storage/name/report for a local study; for a study in an object store, ./<name>-report here
+    (the files are also logged to the study's MLflow parent run)."""
+    local = study.location.local_path()
+    return local / "report" if local is not None else Path.cwd() / f"{study.name}-report"
+
+
 def _optuna_figures(study: StudyConfig, out_dir: Path) -> list[Path]:
     """Optuna's optimisation history and parameter importances, where the study searched with it."""
-    db = study.directory / "optuna.db"
-    if study.search.algorithm != "optuna" or not db.is_file():
+    from diffcraft.study.runner import optuna_storage
+
+    if study.search.algorithm != "optuna" or (storage := optuna_storage(study)) is None:
         return []
     import matplotlib
 
@@ -157,7 +163,7 @@ def _optuna_figures(study: StudyConfig, out_dir: Path) -> list[Path]:
     from optuna.visualization import matplotlib as ovm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    opt = optuna.load_study(study_name=study.name, storage=f"sqlite:///{db}")
+    opt = optuna.load_study(study_name=study.name, storage=storage)
     paths = []
     complete = [t for t in opt.trials if t.state == optuna.trial.TrialState.COMPLETE]
     for name, plot, needed in (("history", ovm.plot_optimization_history, 1),

@@ -1,27 +1,26 @@
-"""Running a study on Ray Tune: search algorithm, scheduler, resources, MLflow parent run, resume.
+"""Running a study on Ray Tune: search algorithm, scheduler, resources, the MLflow parent run,
+the driver's lease, preflight, resume and an exact end.
 
-Each trial is a Tune function trainable (`study.trial.trial_main`). With `resources.workers: 1`
-it runs the training loop in its own process with `cpus_per_worker` CPUs and `gpus_per_worker`
-GPUs; with more it drives a Ray Train TorchTrainer of that many workers (DDP, gloo on CPU, NCCL
-on GPU). A TorchTrainer costs 8-15 s of fixed start-up per trial on this hardware, which is why a
-one-worker trial does without it.
-The study folder `storage/name` holds Tune's experiment state (`tune/`), each trial's run folder
-with its checkpoints (`trials/<trial id>/`, so a restarted or resumed trial continues from its
-last epoch), and `study.json` (the MLflow experiment and parent run).
+Everything the study persists lives in its storage location (`storage/name`, a folder or an
+object-store URI): `study.json` and `lease.json` (`study.state`), Tune's experiment state
+(`tune/`), every trial's Ray Train checkpoints (`train/<trial id>/`), and with a local folder the
+Optuna database. Nothing a trial or a later command needs lives only on the launcher's disk.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-from diffcraft.config import from_dict
+from diffcraft.typed_yaml import from_dict
+from diffcraft.raytools import forwarded_env
+from diffcraft.storage import Location, filesystem
 from diffcraft.study.schema import StudyConfig, StudyConfigError, parse_distribution
-from diffcraft.study.tracking import code_version, default_tracking_uri, experiment_id, trial_runs
-
-STATE = "study.json"
+from diffcraft.study.state import acquire_lease, load_state, save_state
+from diffcraft.study.tracking import (code_version, default_tracking_uri, experiment_id, require_server_for_cluster,
+                                      trial_runs)
 
 
 def param_space(study: StudyConfig) -> dict:
@@ -37,31 +36,23 @@ def param_space(study: StudyConfig) -> dict:
         kind, values = parse_distribution(key, spec)
         space[key] = domains[kind](values)
     if study.search.seeds > 1:
-        base = study.base_run().train.seed
+        base = study.run.train.seed
         space["train.seed"] = tune.grid_search([base + i for i in range(study.search.seeds)])
     return space
 
 
-def check_resources(study: StudyConfig, cluster: dict) -> None:
-    """Fail at once, with the numbers, when one trial can never be scheduled on this cluster."""
-    r = study.resources
-    need_cpu = trial_resources(study)["cpu"] + (r.workers * r.cpus_per_worker if r.workers > 1 else 0)
-    need_gpu = r.workers * r.gpus_per_worker
-    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    if need_cpu > have_cpu or need_gpu > have_gpu:
-        raise StudyConfigError(
-            f"resources: one trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
-            f"({r.workers} worker(s) x {r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU), but the "
-            f"Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs in all: it could never start")
+def optuna_storage(study: StudyConfig):
+    """Optuna's storage: the configured RDB URL; else a SQLite file in a local storage folder; else
+    none (the sampler's history then travels in Tune's experiment state in the object store)."""
+    import optuna
 
-
-def trial_resources(study: StudyConfig) -> dict:
-    """What the Tune trial itself holds: the worker's share with one worker; with several, a
-    sliver of a CPU for the Ray Train driver (its workers hold their own)."""
-    r = study.resources
-    if r.workers > 1:
-        return {"cpu": 0.01, "gpu": 0}
-    return {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker}
+    if study.optuna.storage:
+        return optuna.storages.RDBStorage(study.optuna.storage)
+    local = study.location.local_path()
+    if local is None:
+        return None
+    local.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{local / 'optuna.db'}")
 
 
 def _search_and_scheduler(study: StudyConfig):
@@ -69,15 +60,12 @@ def _search_and_scheduler(study: StudyConfig):
 
     search = None
     if study.search.algorithm == "optuna":
-        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        storage = optuna.storages.RDBStorage(f"sqlite:///{study.directory / 'optuna.db'}")
-        search = OptunaSearch(metric=study.objective.metric, mode=study.objective.mode,
-                              study_name=study.name, storage=storage,
-                              seed=study.base_run().train.seed)
-    if study.scheduler.kind == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=study.base_run().train.epochs,
+        search = OptunaSearch(metric=study.objective.metric, mode=study.objective.mode, study_name=study.name,
+                              storage=optuna_storage(study), seed=study.run.train.seed)
+    if study.scheduler.kind == "asha":  # compared on epochs done, so a restarted trial has the right budget
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=study.run.train.epochs,
                                   grace_period=study.scheduler.grace_epochs,
                                   reduction_factor=study.scheduler.reduction_factor)
     else:
@@ -85,123 +73,160 @@ def _search_and_scheduler(study: StudyConfig):
     return search, scheduler
 
 
-def load_state(study_dir: Path) -> dict | None:
-    path = study_dir / STATE
-    return json.loads(path.read_text()) if path.is_file() else None
+def stored_differences(stored: dict, study: StudyConfig) -> list[str]:
+    """Fields where the study file differs from the study as it was started (dotted names)."""
+    from diffcraft.typed_yaml import flatten
+
+    old, new = flatten(stored), flatten(json.loads(json.dumps(asdict(study))))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def started_state(study: StudyConfig) -> dict:
-    """The saved state of a study that has been started, or an error saying it has not."""
-    state = load_state(study.directory)
-    if state is None:
-        raise StudyConfigError(f"{study.directory}: study {study.name!r} has not been started")
-    return state
-
-
-def save_state(study_dir: Path, state: dict) -> None:
-    study_dir.mkdir(parents=True, exist_ok=True)
-    tmp = study_dir / f".{STATE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, study_dir / STATE)
-
-
-def open_study(study: StudyConfig) -> dict:
-    """The study's MLflow experiment and parent run (created once, reused on resume)."""
+def open_study(study: StudyConfig, address: str | None) -> dict:
+    """The study's state: MLflow experiment and parent run, created once and reused after. A
+    study file that differs from the one the study was started with is refused, naming the fields."""
     from mlflow.tracking import MlflowClient
 
-    state = load_state(study.directory)
+    state = load_state(study.location)
     if state is not None:
+        differ = stored_differences(state["study"], study)
+        if differ:
+            raise StudyConfigError(
+                f"{study.location}: study {study.name!r} exists and was started from a different study file "
+                f"({', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''} differ): give this one another name, "
+                f"or continue the stored one with `diffcraft study resume {study.name} --storage {study.storage}`")
         return state
     uri = default_tracking_uri(study.mlflow.tracking_uri)
+    require_server_for_cluster(study.mlflow.tracking_uri, address)
     client = MlflowClient(uri)
     exp = experiment_id(client, study.mlflow.experiment or study.name, uri)
     parent = client.create_run(exp, run_name=f"study {study.name}",
                                tags={"study": study.name, "role": "study", "code_version": code_version(),
                                      "search": study.search.algorithm, "scheduler": study.scheduler.kind})
     client.log_dict(parent.info.run_id, asdict(study), "study.yaml")
-    state = {"name": study.name, "tracking_uri": uri, "experiment_id": exp,
-             "parent_run_id": parent.info.run_id, "study": asdict(study), "created": time.time()}
-    save_state(study.directory, state)
+    state = {"name": study.name, "tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent.info.run_id,
+             "study": json.loads(json.dumps(asdict(study))), "created": time.time()}
+    save_state(study.location, state)
     return state
 
 
-def finalize_runs(state: dict, results) -> dict[str, int]:
-    """After Tune: end the MLflow runs that trials could not end themselves (stopped early by the
-    scheduler, or killed), so none stays RUNNING; return the count of runs per status."""
+def sweep_orphan_runs(state: dict) -> list[str]:
+    """Trial runs left RUNNING by a driver that died: its trials died with it. They are marked
+    KILLED; a trial that Tune resumes sets its run RUNNING again."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(state["tracking_uri"])
-    errored = {r.metrics.get("trial_id") for r in results if r.error} if results is not None else set()
-    runs = trial_runs(client, state)
-    counts: dict[str, int] = {}
-    for run in runs:
-        status = run.info.status
-        if status == "RUNNING":
-            trial = run.data.tags.get("trial_id")
-            status = "FAILED" if trial in errored else "KILLED"
-            client.set_tag(run.info.run_id, "ended_by", "scheduler" if status == "KILLED" else "error")
-            client.set_terminated(run.info.run_id, status)
-        counts[status] = counts.get(status, 0) + 1
-    return counts
+    swept = []
+    for run in trial_runs(client, state):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "ended_by", "driver_lost")
+            client.set_terminated(run.info.run_id, "KILLED")
+            swept.append(run.data.tags.get("trial_id", run.info.run_id))
+    return swept
 
 
-def run_study(study: StudyConfig, address: str | None = None, resume: bool = False,
-              verbose: int = 1):
-    """Run (or resume) `study` on Ray Tune; returns Tune's ResultGrid."""
+@dataclass
+class StudyOutcome:
+    results: object  # Tune's ResultGrid
+    counts: dict  # MLflow trial runs per status
+    interrupted: bool
+
+    @property
+    def failed(self) -> int:
+        return self.counts.get("FAILED", 0)
+
+
+def _forward_sigterm():
+    """SIGTERM ends the run the way Ctrl-C does: Tune saves its state and returns (SIGUSR1 is
+    Tune's own interrupt signal)."""
+    def handler(signum, frame):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def run_study(study: StudyConfig, address: str | None = None, resume: bool = False, verbose: int = 1,
+              take_over: bool = False, progress=print) -> StudyOutcome:
+    """Run `study` on Ray Tune, or continue it where it stands (`resume`, or the same study file
+    run again). Returns the outcome; the CLI exits non-zero when a trial failed."""
+    from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from diffcraft.data.cache import require_manifest
     from diffcraft.raytools import ray_session
-    from diffcraft.study.trial import trial_main
+    from diffcraft.study.preflight import preflight
+    from diffcraft.study.trial import TRIAL_DRIVER_MEMORY, trial_main, trial_run_callback
 
-    tune_dir = study.directory / "tune"
-    if resume and not tune_dir.is_dir():
-        raise StudyConfigError(f"{study.directory}: no study to resume here")
-    if not resume and tune_dir.is_dir():
-        raise StudyConfigError(f"{study.directory}: a study called {study.name!r} already exists; "
-                               f"use `diffcraft study resume {study.name}` or another name")
-    from diffcraft.data.prepare import load_manifest
-
-    cache = study.base_run().data.cache
-    if load_manifest(Path(cache)) is None:
-        raise StudyConfigError(f"run.data.cache: {cache}: no feature cache there "
-                               "(build one with `diffcraft data prepare`)")
-    state = open_study(study)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot the experiment often: resume loses little
-    env = {"MLFLOW_TRACKING_URI": state["tracking_uri"]}
-    with ray_session(address, runtime_env={"env_vars": env}) as ray:
-        check_resources(study, ray.cluster_resources())
-        trainable = tune.with_resources(
-            tune.with_parameters(trial_main, study=study, experiment_id=state["experiment_id"],
-                                 parent_run_id=state["parent_run_id"], tracking_uri=state["tracking_uri"]),
-            trial_resources(study))
-        if resume:
-            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            search, scheduler = _search_and_scheduler(study)
-            tuner = tune.Tuner(
-                trainable, param_space=param_space(study),
-                tune_config=tune.TuneConfig(metric=study.objective.metric, mode=study.objective.mode,
-                                            search_alg=search, scheduler=scheduler,
-                                            num_samples=study.search.samples,
-                                            max_concurrent_trials=study.concurrency,
-                                            reuse_actors=True),
-                run_config=tune.RunConfig(name="tune", storage_path=str(study.directory),
-                                          failure_config=tune.FailureConfig(max_failures=study.max_retries),
-                                          verbose=verbose))
-        results = tuner.fit()
-        counts = finalize_runs(state, results)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(state["tracking_uri"])
-    client.log_metric(state["parent_run_id"], "trials_finished", counts.get("FINISHED", 0))
-    client.log_metric(state["parent_run_id"], "trials_failed", counts.get("FAILED", 0))
-    client.set_terminated(state["parent_run_id"], "FINISHED")
-    return results
+    require_server_for_cluster(study.mlflow.tracking_uri, address)
+    require_manifest(Location.of(study.run.data.cache))
+    if resume and load_state(study.location) is None:
+        raise StudyConfigError(f"{study.location}: no study to resume here")
+    lease = acquire_lease(study.location, take_over)
+    try:
+        state = open_study(study, address)
+        swept = sweep_orphan_runs(state)
+        if swept:
+            progress(f"marked {len(swept)} trial run(s) of a lost driver KILLED; Tune resumes their trials")
+        client = MlflowClient(state["tracking_uri"])
+        client.update_run(state["parent_run_id"], status="RUNNING")
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot the experiment often: resume loses little
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # the 2 s default adds seconds per epoch
+        env = forwarded_env(MLFLOW_TRACKING_URI=state["tracking_uri"], RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+        with ray_session(address, runtime_env={"env_vars": env}) as ray:
+            check = preflight(study, state["tracking_uri"], ray)
+            for line in check.notes:
+                progress(f"preflight: {line}")
+            if not check.ok:
+                raise StudyConfigError("preflight failed, nothing started:\n  " + "\n  ".join(check.problems))
+            trainable = tune.with_resources(tune.with_parameters(trial_main, study=study, state=state),
+                                            tune.PlacementGroupFactory([{"memory": TRIAL_DRIVER_MEMORY}]))
+            fs, tune_root = filesystem(study.location.uri)
+            tune_path = f"{tune_root}/tune"
+            if tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
+                tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
+                                           storage_filesystem=fs)
+            else:
+                search, scheduler = _search_and_scheduler(study)
+                tuner = tune.Tuner(
+                    trainable, param_space=param_space(study),
+                    tune_config=tune.TuneConfig(metric=study.objective.metric, mode=study.objective.mode,
+                                                search_alg=search, scheduler=scheduler,
+                                                num_samples=study.search.samples,
+                                                max_concurrent_trials=study.concurrency,
+                                                reuse_actors=False),  # a stopped trial's process must end: it owns its Train run
+                    run_config=tune.RunConfig(name="tune", storage_path=tune_root, storage_filesystem=fs,
+                                              failure_config=tune.FailureConfig(max_failures=study.max_retries),
+                                              callbacks=[trial_run_callback(study, state)], verbose=verbose))
+            previous = _forward_sigterm()
+            try:
+                results = tuner.fit()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        counts: dict[str, int] = {}
+        for run in trial_runs(client, state):
+            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+        interrupted = results.num_terminated + results.num_errors < len(results) or "RUNNING" in counts
+        client.log_metric(state["parent_run_id"], "trials_finished", counts.get("FINISHED", 0))
+        client.log_metric(state["parent_run_id"], "trials_failed", counts.get("FAILED", 0))
+        client.set_terminated(state["parent_run_id"], "KILLED" if interrupted else "FINISHED")
+        if interrupted:
+            sweep_orphan_runs(state)
+        return StudyOutcome(results, counts, interrupted)
+    except BaseException:
+        state = load_state(study.location)
+        if state is not None:  # whatever stopped the driver, its parent run does not stay RUNNING
+            try:
+                MlflowClient(state["tracking_uri"]).set_terminated(state["parent_run_id"], "KILLED")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        raise
+    finally:
+        lease.release()
 
 
 def study_from_storage(name: str, storage: str = "studies") -> StudyConfig:
-    """The StudyConfig saved when study `name` was started in `storage`."""
-    state = load_state(Path(storage).resolve() / name)
+    """The StudyConfig saved when study `name` was started in `storage` (a folder or a URI)."""
+    location = Location.of(storage) / name
+    state = load_state(location)
     if state is None:
-        raise StudyConfigError(f"{Path(storage).resolve() / name}: no study called {name!r} here")
+        raise StudyConfigError(f"{location}: no study called {name!r} here")
     return from_dict(StudyConfig, state["study"])

@@ -16,8 +16,11 @@ scheduler: {kind: asha, grace_epochs: 2, reduction_factor: 2}
 resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
 concurrency: 2
 mlflow: {tracking_uri: "", experiment: ""}   # "" = sqlite file mlflow.db here / the study name
-storage: studies
+optuna: {storage: ""}                 # "" = optuna.db in a local storage folder; or an RDB URL
+storage: studies                      # a folder, a shared mount, or s3://bucket/prefix, gs://...
 ```
+On a cluster, `storage` and `run.data.cache` must be reachable from every node (an object store
+or a shared mount) and `mlflow.tracking_uri` a tracking server.
 """
 from __future__ import annotations
 
@@ -27,13 +30,13 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from diffcraft.config import from_dict, load_yaml
+from diffcraft.typed_yaml import apply_overrides, from_dict, load_yaml, set_dotted
 from diffcraft.errors import ConfigError
-from diffcraft.train.config import RunConfig, apply_overrides
+from diffcraft.storage import Location, absolute, is_remote
+from diffcraft.train.config import RunConfig
 
-ALGORITHMS = ("optuna", "grid", "random")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -44,7 +47,7 @@ class StudyConfigError(ConfigError):
 
 @dataclass
 class SearchConfig:
-    algorithm: str = "grid"
+    algorithm: Literal["optuna", "grid", "random"] = "grid"
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: int = 1
     seeds: int = 1
@@ -53,19 +56,24 @@ class SearchConfig:
 @dataclass
 class ObjectiveConfig:
     metric: str = "val_loss"  # any per-epoch metric, e.g. val_mss_mean, val_rpa, val_loss
-    mode: str = "min"  # min | max
+    mode: Literal["min", "max"] = "min"
+
+
+def best_of(items, key, mode: str):
+    """The item whose key is smallest (mode min) or largest (mode max)."""
+    return (min if mode == "min" else max)(items, key=key)
 
 
 @dataclass
 class SchedulerConfig:
-    kind: str = "fifo"  # fifo | asha
+    kind: Literal["fifo", "asha"] = "fifo"
     grace_epochs: int = 1  # asha: epochs every trial gets before it can be stopped
     reduction_factor: int = 2  # asha: keep 1 / reduction_factor of the trials at each rung
 
 
 @dataclass
 class ResourcesConfig:
-    workers: int = 1  # Ray Train workers per trial (1: the loop runs inside the trial)
+    workers: int = 1  # Ray Train workers per trial (data parallel; the global batch stays data.batch_size)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 
@@ -74,7 +82,7 @@ class ResourcesConfig:
 class CollapseGuardConfig:
     min_active_units: int = 0  # 0 turns the guard off
     patience: int = 3  # epochs in a row below the floor before the guard acts
-    action: str = "stop"  # stop: end the trial; penalize: report the objective plus `penalty`
+    action: Literal["stop", "penalize"] = "stop"  # stop: end the trial; penalize: objective + `penalty`
     penalty: float = 1000.0
 
 
@@ -85,10 +93,15 @@ class MlflowConfig:
 
 
 @dataclass
+class OptunaConfig:
+    storage: str = ""  # "" = optuna.db in a local storage folder (kept in Tune's state otherwise); or an RDB URL
+
+
+@dataclass
 class StudyConfig:
     name: str
     description: str = ""
-    run: dict[str, Any] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -97,15 +110,14 @@ class StudyConfig:
     max_retries: int = 0  # times a failed trial is restarted (from its last checkpoint)
     collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    storage: str = "studies"  # the study lives in storage/name (shared storage on a cluster)
+    optuna: OptunaConfig = field(default_factory=OptunaConfig)
+    storage: str = "studies"  # the study lives in storage/name: a folder, a shared mount, s3://, gs://
 
     def validate(self, where: str = "") -> None:
         if not NAME.match(self.name):
             raise StudyConfigError(f"name: {self.name!r} must be letters, digits, '_', '-', '.'")
-        base = self.base_run()
+        base = self.run
         s = self.search
-        if s.algorithm not in ALGORITHMS:
-            raise StudyConfigError(f"search.algorithm: {s.algorithm!r} is not one of {list(ALGORITHMS)}")
         if s.samples < 1 or s.seeds < 1:
             raise StudyConfigError(f"search.samples and search.seeds must be at least 1 (got {s.samples}, {s.seeds})")
         for key, spec in s.space.items():
@@ -122,35 +134,32 @@ class StudyConfig:
             raise StudyConfigError("search.seeds: train.seed is already in the search space")
         if s.seeds > 1 and s.algorithm == "optuna":
             raise StudyConfigError("search.seeds: repeating seeds needs algorithm grid or random")
-        if self.objective.mode not in ("min", "max"):
-            raise StudyConfigError(f"objective.mode: {self.objective.mode!r} is not min or max")
         if not re.match(r"^(val|train)_\w+$", self.objective.metric):
             raise StudyConfigError(f"objective.metric: {self.objective.metric!r} is not a val_* or train_* metric")
         sch = self.scheduler
-        if sch.kind not in ("fifo", "asha"):
-            raise StudyConfigError(f"scheduler.kind: {sch.kind!r} is not fifo or asha")
         if sch.grace_epochs < 1 or sch.reduction_factor < 2:
             raise StudyConfigError("scheduler.grace_epochs must be >= 1 and scheduler.reduction_factor >= 2")
         r = self.resources
         if r.workers < 1 or r.cpus_per_worker <= 0 or r.gpus_per_worker < 0:
             raise StudyConfigError(f"resources: workers >= 1, cpus_per_worker > 0, gpus_per_worker >= 0 "
                                    f"(got {r.workers}, {r.cpus_per_worker}, {r.gpus_per_worker})")
+        if base.data.batch_size % r.workers:
+            raise StudyConfigError(f"run.data.batch_size: {base.data.batch_size} (the global batch) does not split "
+                                   f"evenly over resources.workers: {r.workers}")
         if self.concurrency < 1 or self.max_retries < 0:
             raise StudyConfigError(f"concurrency must be >= 1 and max_retries >= 0 (got {self.concurrency}, {self.max_retries})")
         g = self.collapse_guard
-        if g.action not in ("stop", "penalize") or g.min_active_units < 0 or g.patience < 1:
-            raise StudyConfigError(f"collapse_guard: action stop|penalize, min_active_units >= 0, patience >= 1 "
-                                   f"(got {g.action!r}, {g.min_active_units}, {g.patience})")
+        if g.min_active_units < 0 or g.patience < 1:
+            raise StudyConfigError(f"collapse_guard: min_active_units >= 0, patience >= 1 "
+                                   f"(got {g.min_active_units}, {g.patience})")
 
     def base_run(self) -> RunConfig:
-        try:
-            return from_dict(RunConfig, copy.deepcopy(self.run))
-        except ConfigError as err:
-            raise StudyConfigError(f"run: {err}") from None
+        return copy.deepcopy(self.run)
 
     @property
-    def directory(self) -> Path:
-        return Path(self.storage).resolve() / self.name
+    def location(self) -> Location:
+        """Where everything the study persists lives: storage/name."""
+        return Location.of(self.storage) / self.name
 
 
 def key_seed(space: dict) -> bool:
@@ -180,15 +189,11 @@ def parse_distribution(key: str, spec) -> tuple[str, list]:
     return kind, values
 
 
-def run_config(base: dict | RunConfig, params: dict) -> RunConfig:
+def run_config(base: RunConfig, params: dict) -> RunConfig:
     """The base run config with dotted `params` applied (values already typed)."""
-    data = asdict(base) if isinstance(base, RunConfig) else copy.deepcopy(base)
+    data = asdict(base)
     for key, value in params.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(data, key, value)
     return from_dict(RunConfig, data)
 
 
@@ -200,16 +205,16 @@ def config_hash(params: dict, without_seed: bool = False) -> str:
 
 def absolute_paths(data: dict, root: Path) -> dict:
     """Make the study's paths absolute against `root` (where the command runs): trials run in
-    other working directories, possibly on other machines."""
+    other working directories, possibly on other machines. URIs stay as they are."""
     data = copy.deepcopy(data)
-    data["storage"] = str((root / data.get("storage", "studies")).resolve())
+    data["storage"] = absolute(str(data.get("storage", "studies")), root)
     run = data.setdefault("run", {})
     cache = run.get("data", {}).get("cache")
     if isinstance(cache, str) and cache:
-        run["data"]["cache"] = str((root / cache).resolve())
+        run["data"]["cache"] = absolute(cache, root)
     init = run.get("train", {}).get("init_from")
-    if isinstance(init, str) and init:
-        run["train"]["init_from"] = str((root / init).resolve())
+    if isinstance(init, str) and init and not is_remote(init):
+        run["train"]["init_from"] = absolute(init, root)
     return data
 
 

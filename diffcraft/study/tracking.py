@@ -14,7 +14,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from diffcraft import __version__
-from diffcraft.config import flatten
+from diffcraft.raytools import is_local_address
+from diffcraft.typed_yaml import flatten
+from diffcraft.study.schema import StudyConfigError
 
 MAX_PARAMS_PER_BATCH = 100
 
@@ -27,6 +29,18 @@ def default_tracking_uri(uri: str = "") -> str:
 
 def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def require_server_for_cluster(uri: str, address: str | None) -> None:
+    """A study on a remote cluster needs a tracking server every node reaches: a local SQLite
+    file or folder exists only on the launching machine."""
+    if is_local_address(address) or not _is_local(uri or "sqlite:"):
+        return
+    raise StudyConfigError(
+        f"mlflow.tracking_uri: {uri or '(default: ./mlflow.db)'} is a local store, but --address {address} runs "
+        "the trials on a cluster whose nodes cannot write it. Start a tracking server that every node reaches "
+        "(`mlflow server --backend-store-uri postgresql://... --serve-artifacts --artifacts-destination s3://...`, "
+        "see cluster/README.md) and set mlflow.tracking_uri: http://HOST:5000")
 
 
 def code_version() -> str:
@@ -87,13 +101,11 @@ class TrialRun:
 
     @classmethod
     def open(cls, tracking_uri: str, experiment: str, parent_run_id: str, trial_id: str, tags: dict,
-             params: dict, known_run_id: str | None = None) -> "TrialRun":
-        """Reuse the trial's run (from its checkpoint, else by its trial_id tag) or create it."""
+             params: dict) -> "TrialRun":
+        """Reuse the trial's run (found by its trial_id tag: a restarted trial keeps its run) or create it."""
         client = MlflowClient(tracking_uri)
-        run_id = known_run_id
-        if run_id is None:
-            found = client.search_runs([experiment], f"tags.trial_id = '{trial_id}'", max_results=1)
-            run_id = found[0].info.run_id if found else None
+        found = client.search_runs([experiment], f"tags.trial_id = '{trial_id}'", max_results=1)
+        run_id = found[0].info.run_id if found else None
         if run_id is None:
             tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, **tags}
             run = client.create_run(experiment, run_name=str(tags.get("trial_name", trial_id)),
@@ -112,6 +124,19 @@ class TrialRun:
         items = [Metric(k, v, now, step) for k, v in scalar_metrics(metrics).items()]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i: i + 500])
+
+    def logged_epochs(self) -> set[int]:
+        """The epochs this run has a record of (every epoch logs `epoch_seconds`)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, "epoch_seconds")}
+
+    def log_missing_epochs(self, history: list[dict]) -> list[int]:
+        """Log the epochs of a checkpoint's history that MLflow lacks (a worker killed between
+        its commit and its log); returns them."""
+        logged = self.logged_epochs()
+        missing = [m for m in history if "epoch_seconds" in m and m["epoch"] not in logged]
+        for metrics in missing:
+            self.log_epoch(metrics)
+        return [m["epoch"] for m in missing]
 
     def tag(self, **tags) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -52,3 +52,51 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a diffcraft checkpoint")
     return state
+
+
+def model_from_checkpoint(path: str | Path, device: str = "cpu"):
+    """(model, RunConfig) rebuilt from the config stored in a checkpoint, weights loaded, in eval mode."""
+    from diffcraft.typed_yaml import from_dict
+    from diffcraft.errors import ConfigError
+    from diffcraft.models.autoencoder import DiffCraft
+    from diffcraft.train.config import RunConfig
+
+    state = load_checkpoint(path, device)
+    try:
+        cfg = from_dict(RunConfig, state["config"])
+    except (ConfigError, KeyError) as err:
+        raise CheckpointError(f"{path}: its stored config is not usable ({err})") from None
+    model = DiffCraft(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the stored config ({str(err).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg
+
+
+def init_weights(model: torch.nn.Module, path: str) -> int:
+    """Copy the weights of checkpoint `path` whose names and shapes match (e.g. a pretrained
+    encoder into a joint model); returns how many tensors were copied."""
+    source = load_checkpoint(path)["model"]
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise CheckpointError(f"{path}: no weight in it matches this model")
+    model.load_state_dict(matched, strict=False)
+    return len(matched)
+
+
+def rng_state() -> dict:
+    """Every RNG stream a run draws from: torch's CPU generator and, on a GPU, CUDA's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints before the CUDA streams were kept
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from diffcraft.config import from_dict, load_yaml, parse_yaml
+from diffcraft.typed_yaml import apply_overrides, from_dict, load_yaml
 from diffcraft.errors import ConfigError
 from diffcraft.models.autoencoder import ModelConfig
 
@@ -12,7 +13,7 @@ from diffcraft.models.autoencoder import ModelConfig
 @dataclass
 class DataConfig:
     cache: str = "diffcraft-quickstart/cache"  # feature cache made by `diffcraft data prepare`
-    batch_size: int = 16
+    batch_size: int = 16  # clips per optimiser step, over all data-parallel workers
     clips_per_epoch: int = 0  # training clips drawn per epoch (0: every training clip once)
     validation_clips: int = 0  # validation clips evaluated each epoch (0: all)
     num_workers: int = 0  # DataLoader worker processes
@@ -28,7 +29,7 @@ class DataConfig:
 
 @dataclass
 class KLConfig:
-    schedule: str = "linear"  # constant | linear | cyclical
+    schedule: Literal["constant", "linear", "cyclical"] = "linear"
     beta: float = 1e-3  # KL weight reached (nats per frame, summed over latent dimensions)
     beta_start: float = 0.0  # weight at the start of a warm-up or of each cycle
     warmup_steps: int = 1000  # linear: steps from beta_start to beta
@@ -38,8 +39,6 @@ class KLConfig:
 
     def validate(self, where: str = "") -> None:
         p = f"{where}." if where else ""
-        if self.schedule not in ("constant", "linear", "cyclical"):
-            raise ConfigError(f"{p}schedule: {self.schedule!r} is not constant, linear or cyclical")
         if self.beta < 0 or self.beta_start < 0 or self.free_bits < 0:
             raise ConfigError(f"{p}beta, beta_start and free_bits must not be negative")
         if not 0 < self.ratio <= 1 or self.cycles < 1:
@@ -63,8 +62,8 @@ class TrainConfig:
     grad_clip: float = 3.0  # global gradient-norm clip (0: off)
     seed: int = 0
     init_from: str = ""  # checkpoint whose matching weights start this run (e.g. a pretrained encoder)
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; synthesis and loss stay fp32)
-    device: str = "auto"  # auto | cpu | cuda
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the networks; synthesis and loss stay fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # a standalone run's device (study trials: Ray Train's)
     threads: int = 0  # torch CPU threads (0: leave as is)
 
     def validate(self, where: str = "") -> None:
@@ -75,10 +74,6 @@ class TrainConfig:
             raise ConfigError(f"{p}lr: {self.lr} must be positive")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"{p}lr_decay: {self.lr_decay} must be in (0, 1]")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"{p}precision: {self.precision!r} is not fp32 or bf16")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{p}device: {self.device!r} is not auto, cpu or cuda")
 
 
 @dataclass
@@ -89,22 +84,6 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` overrides (value parsed as YAML) to a nested config mapping."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not FIELD=VALUE")
-        key, raw = item.split("=", 1)
-        node = data
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = parse_yaml(raw)
-    return data
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from diffcraft.train.metrics import active_units, mean_se_sd, raw_chroma_accuracy, raw_pitch_accuracy
+from diffcraft.pitch import raw_chroma_accuracy, raw_pitch_accuracy
+from diffcraft.train.metrics import active_units, mean_se_sd
 from diffcraft.train.objective import VOICED, latent_kl_dims, loss_terms
 
 MAX_LATENT_FRAMES = 200_000  # posterior means kept for active units (a random subset beyond)

@@ -1,4 +1,5 @@
-"""Summary statistics as the paper reports them: mean ± standard error, and standard deviation."""
+"""Summary statistics as the paper reports them (mean ± standard error, standard deviation) and the
+latent diagnostic of active units. Pitch accuracies, being pitch math, live in `diffcraft.pitch`."""
 from __future__ import annotations
 
 import math
@@ -15,23 +16,6 @@ def mean_se_sd(values) -> tuple[float, float, float]:
     mean = float(values.mean())
     sd = float(values.std(unbiased=True)) if n > 1 else 0.0
     return mean, sd / math.sqrt(n), sd
-
-
-def cents_error(pred_hz: torch.Tensor, true_hz: torch.Tensor) -> torch.Tensor:
-    return 1200.0 * torch.log2(pred_hz.clamp_min(1e-3) / true_hz.clamp_min(1e-3))
-
-
-def raw_pitch_accuracy(pred_hz, true_hz, voiced, tolerance_cents: float = 50.0) -> float:
-    """Share of voiced frames whose F0 is within `tolerance_cents` of the truth."""
-    error = cents_error(pred_hz[voiced], true_hz[voiced]).abs()
-    return float((error <= tolerance_cents).float().mean()) if error.numel() else float("nan")
-
-
-def raw_chroma_accuracy(pred_hz, true_hz, voiced, tolerance_cents: float = 50.0) -> float:
-    """As raw pitch accuracy, with octave errors forgiven (error folded into one octave)."""
-    error = cents_error(pred_hz[voiced], true_hz[voiced])
-    folded = (error + 600.0).remainder(1200.0) - 600.0
-    return float((folded.abs() <= tolerance_cents).float().mean()) if folded.numel() else float("nan")
 
 
 def active_units(mu: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The training objective: the loss terms a stage uses, weighted and summed."""
+"""The training objective: the loss terms a stage uses, weighted and summed. The weights live
+here alone: the training loss and the validation loss that picks checkpoints both use `weighted`."""
 from __future__ import annotations
 
 import torch
@@ -36,13 +37,25 @@ def loss_terms(out: dict, batch: dict, mss_fn, per_example: bool = False) -> dic
     return terms
 
 
-def total_loss(terms: dict, cfg: RunConfig, beta: float) -> torch.Tensor:
+def weighted(cfg: RunConfig, mss=None, f0=None, loudness=None):
+    """The weighted sum of the reconstruction terms present (None: the stage has no such term)."""
     w = cfg.loss
     total = 0.0
-    if "mss" in terms:
-        total = total + w.mss * terms["mss"].mean()
-    if "f0_loss" in terms:
-        total = total + w.f0 * terms["f0_loss"] + w.loudness * terms["loudness_loss"]
-    if "kl_per_dim" in terms:
-        total = total + beta * kl_with_free_bits(terms["kl_per_dim"], w.kl.free_bits)
+    for weight, value in ((w.mss, mss), (w.f0, f0), (w.loudness, loudness)):
+        if value is not None:
+            total = total + weight * value
     return total
+
+
+def total_loss(terms: dict, cfg: RunConfig, beta: float) -> torch.Tensor:
+    total = weighted(cfg, terms["mss"].mean() if "mss" in terms else None, terms.get("f0_loss"),
+                     terms.get("loudness_loss"))
+    if "kl_per_dim" in terms:
+        total = total + beta * kl_with_free_bits(terms["kl_per_dim"], cfg.loss.kl.free_bits)
+    return total
+
+
+def validation_loss(metrics: dict, cfg: RunConfig) -> float:
+    """The weighted validation loss that picks the best checkpoint (KL left out)."""
+    return float(weighted(cfg, metrics.get("val_mss_mean"), metrics.get("val_f0_loss"),
+                          metrics.get("val_loudness_loss")))

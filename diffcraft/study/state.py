@@ -1,0 +1,111 @@
+"""A study's own record in its storage location: `study.json` (the study file as started, its
+MLflow experiment and parent run) and `lease.json` (which driver runs it now).
+
+The lease keeps two drivers off one study: the holder renews it every few seconds; another driver
+is refused with the holder's host, process and start time. A holder that is provably dead (same
+host, process gone) is replaced at once; one silent for longer than LEASE_TTL_S on another host
+can be taken over explicitly (`--take-over`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from diffcraft.storage import Location
+from diffcraft.study.schema import StudyConfig, StudyConfigError
+
+STATE = "study.json"
+LEASE = "lease.json"
+LEASE_RENEW_S = 5.0
+LEASE_TTL_S = 60.0
+
+
+def load_state(location: Location) -> dict | None:
+    text = (location / STATE).read_text()
+    return json.loads(text) if text is not None else None
+
+
+def save_state(location: Location, state: dict) -> None:
+    (location / STATE).write_text(json.dumps(state, indent=1))
+
+
+def started_state(study: StudyConfig) -> dict:
+    """The saved state of a study that has been started, or an error saying it has not."""
+    state = load_state(study.location)
+    if state is None:
+        raise StudyConfigError(f"{study.location}: study {study.name!r} has not been started")
+    return state
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Lease:
+    """This driver's hold on a study; `release()` when done (also on errors)."""
+    path: Location
+    token: str
+    _stop: threading.Event
+    _thread: threading.Thread
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=LEASE_RENEW_S * 2)
+        held = self.path.read_text()
+        if held is not None and json.loads(held).get("token") == self.token:
+            self.path.delete()
+
+
+def _holder_line(held: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held["started"]))
+    silent = time.time() - held["renewed"]
+    return f"host {held['host']} (pid {held['pid']}) since {started}, last renewed {silent:.0f} s ago"
+
+
+def acquire_lease(location: Location, take_over: bool = False) -> Lease:
+    """Hold the study at `location`, or raise naming who holds it."""
+    path = location / LEASE
+    text = path.read_text()
+    if text is not None and not take_over:
+        held = json.loads(text)
+        dead_here = held["host"] == socket.gethostname() and not _pid_alive(held["pid"])
+        if not dead_here:
+            stale = time.time() - held["renewed"] > LEASE_TTL_S
+            raise StudyConfigError(
+                f"{location}: another driver is running this study: {_holder_line(held)}. "
+                + ("It looks stale; if that driver is gone, run again with --take-over."
+                   if stale else "Wait for it, or stop it first."))
+    token = uuid.uuid4().hex
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": token}
+
+    def write():
+        path.write_text(json.dumps({**record, "renewed": time.time()}))
+
+    write()
+    held = json.loads(path.read_text() or "{}")
+    if held.get("token") != token:  # another driver wrote in the same instant
+        raise StudyConfigError(f"{location}: another driver took this study just now: {_holder_line(held)}")
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(LEASE_RENEW_S):
+            try:
+                write()
+            except Exception:  # noqa: BLE001 - a store hiccup must not kill the driver; the next renewal retries
+                pass
+
+    thread = threading.Thread(target=renew, name="diffcraft-lease", daemon=True)
+    thread.start()
+    return Lease(path, token, stop, thread)

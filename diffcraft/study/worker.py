@@ -1,0 +1,130 @@
+"""What every Ray Train worker of a trial runs: the training loop in a `RayTrainSession`.
+
+The session takes the worker's device from Ray Train, wraps the model for data parallelism with
+Ray Train's own `prepare_model`, resumes from `ray.train.get_checkpoint()` and commits each epoch
+with `ray.train.report(metrics, checkpoint)`. Rank 0 then waits until Ray has committed that
+checkpoint, and only then logs the epoch to MLflow: a worker killed at any moment leaves MLflow at
+most one epoch behind its last checkpoint, never ahead, and a restart first logs what the
+checkpoint holds and MLflow lacks. So every epoch is in MLflow exactly once.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
+from diffcraft.train.session import Session
+
+STATE_FILE = "state.pt"  # a checkpoint folder: the full training state ...
+METRICS_FILE = "metrics.json"  # ... and its epoch's metrics, read without loading the state
+
+
+class CollapseGuard:
+    """A trial whose active units stay below the floor for `patience` epochs in a row collapsed.
+    Derived from the history alone, so a restarted trial judges exactly as before."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def collapsed(self, history: list[dict]) -> bool:
+        if not self.cfg.min_active_units:
+            return False
+        recent = [m for m in history if "val_active_units" in m][-self.cfg.patience:]
+        return len(recent) == self.cfg.patience and all(
+            m["val_active_units"] < self.cfg.min_active_units for m in recent)
+
+
+def tune_report(metrics: dict, study, collapsed: bool) -> dict:
+    """What Tune and Train's checkpoint ranking see: the scalar metrics, the epochs done (ASHA's
+    time attribute), and the objective penalised when the guard says so."""
+    from diffcraft.study.tracking import scalar_metrics
+
+    report = scalar_metrics(metrics)
+    report["epochs_done"] = metrics["epoch"] + 1
+    report["collapsed"] = float(collapsed)
+    if collapsed and study.collapse_guard.action == "penalize":
+        sign = 1 if study.objective.mode == "min" else -1
+        report[study.objective.metric] += sign * study.collapse_guard.penalty
+    return report
+
+
+class RayTrainSession(Session):
+    """One worker of a trial's TorchTrainer (see the module docstring)."""
+
+    def __init__(self, study, run):
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        super().__init__(ray.train.torch.get_device())
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.study, self.run = study, run  # run: the trial's TrialRun on rank 0, else None
+        self.guard = CollapseGuard(study.collapse_guard)
+        self.where = f"trial {context.get_experiment_name()}"
+        if run is not None:  # where this attempt trains (a restarted trial may move to another node)
+            run.tag(train_node=ray.get_runtime_context().get_node_id())
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        model.to(self.device)
+        return ray.train.torch.prepare_model(model, move_to_device=False) if self.world > 1 else model
+
+    def restore(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / STATE_FILE, str(self.device))
+        if self.run is not None:
+            self.run.log_missing_epochs(state["history"])
+        return state
+
+    def commit(self, state: dict | None, metrics: dict, improved: bool) -> bool:
+        import ray.train
+
+        stop = False
+        if state is None:
+            ray.train.report({}, checkpoint=None)
+        else:
+            collapsed = self.guard.collapsed(state["history"])
+            report = tune_report(metrics, self.study, collapsed)
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(Path(folder) / STATE_FILE, state)
+                (Path(folder) / METRICS_FILE).write_text(json.dumps(report))
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            self.run.log_epoch(metrics)
+            if collapsed:
+                self.run.tag(collapsed="true")
+            stop = collapsed and self.study.collapse_guard.action == "stop"
+        return self.agree(stop)
+
+    def agree(self, stop: bool) -> bool:
+        """Rank 0's decision, on every rank (a collective on the backend's device)."""
+        if self.world == 1:
+            return stop
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+def train_worker(config: dict) -> None:
+    """`train_loop_per_worker` of every trial, whatever its number of workers."""
+    import ray.train
+    from mlflow.tracking import MlflowClient
+
+    from diffcraft.study.tracking import TrialRun
+    from diffcraft.train.loop import train
+
+    study, cfg = config["study"], config["cfg"]
+    rank = ray.train.get_context().get_world_rank()
+    run = TrialRun(MlflowClient(config["tracking_uri"]), config["run_id"]) if rank == 0 else None
+    train(cfg, progress=False, session=RayTrainSession(study, run),
+          select=(study.objective.metric, study.objective.mode))

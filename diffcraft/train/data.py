@@ -1,0 +1,62 @@
+"""What a training run reads: the clip loaders, and the sampler that gives every epoch its order.
+
+An epoch's order depends only on (seed, epoch), so a resumed run draws exactly what it would have
+drawn without the interruption, and data-parallel ranks agree on it without talking: each keeps
+every world-th clip from its rank on. The global batch is `data.batch_size` whatever the number of
+workers; each rank takes its share.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Sampler, Subset
+
+from diffcraft.data.dataset import ClipDataset
+from diffcraft.errors import ConfigError
+
+EPOCH_SEED_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs map to distinct generator seeds
+
+
+class EpochSampler(Sampler):
+    """Indices of one epoch for one rank: a permutation (or draws with replacement when the
+    epoch is a fixed number of clips) seeded by (seed, epoch), sharded rank::world."""
+
+    def __init__(self, n_items: int, n_samples: int, replacement: bool, seed: int, rank: int = 0, world: int = 1):
+        self.n_items, self.n_samples, self.replacement = n_items, n_samples, replacement
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + self.epoch)
+        if self.replacement:
+            order = torch.randint(self.n_items, (self.n_samples,), generator=generator)
+        else:
+            order = torch.randperm(self.n_items, generator=generator)[: self.n_samples]
+        usable = len(order) - len(order) % self.world
+        return iter(order[self.rank: usable: self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.n_samples // self.world
+
+
+def rank_batch_size(batch_size: int, world: int) -> int:
+    """Each rank's share of the global batch; the global batch must split evenly."""
+    if batch_size % world:
+        raise ConfigError(f"data.batch_size: {batch_size} does not split evenly over {world} workers")
+    return batch_size // world
+
+
+def make_loaders(cfg, rank: int = 0, world: int = 1) -> tuple[DataLoader, DataLoader]:
+    """(training loader with an EpochSampler, validation loader) for a RunConfig."""
+    train_set = ClipDataset(cfg.data.cache, "train")
+    val_set = ClipDataset(cfg.data.cache, "validation")
+    if cfg.data.validation_clips and cfg.data.validation_clips < len(val_set):
+        val_set = Subset(val_set, range(cfg.data.validation_clips))
+    n_train = cfg.data.clips_per_epoch or len(train_set)
+    sampler = EpochSampler(len(train_set), n_train, bool(cfg.data.clips_per_epoch), cfg.train.seed, rank, world)
+    batch = min(rank_batch_size(cfg.data.batch_size, world), max(1, len(sampler)))
+    train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
+                              num_workers=cfg.data.num_workers)
+    val_loader = DataLoader(val_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    return train_loader, val_loader
