@@ -596,8 +596,9 @@ def test_the_rayjob_runs_the_study_so_that_a_retry_resumes_it():
     (cluster,) = [o for o in kustomize(CLUSTER / "kuberay" / "base") if o["kind"] == "RayCluster"]
     spec = job["spec"]
     command = shlex.split(spec["entrypoint"])
-    # `diffcraft study run FILE` continues a study that exists in its storage: a retry resumes it.
-    assert command[:3] == ["diffcraft", "study", "run"] and len(command) == 4, spec["entrypoint"]
+    # `diffcraft study run FILE` continues a study that exists in its storage: a retry resumes it,
+    # taking over the lease of the driver that died with the old head once it has gone stale.
+    assert command[:3] == ["diffcraft", "study", "run"] and command[4:] == ["--take-over"], spec["entrypoint"]
     assert spec["backoffLimit"] >= 1 and spec["submitterConfig"]["backoffLimit"] >= 1
     assert spec["shutdownAfterJobFinishes"] is True
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

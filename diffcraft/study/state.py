@@ -4,7 +4,8 @@ MLflow experiment and parent run) and `lease.json` (which driver runs it now).
 The lease keeps two drivers off one study: the holder renews it every few seconds; another driver
 is refused with the holder's host, process and start time. A holder that is provably dead (same
 host, process gone) is replaced at once; one silent for longer than LEASE_TTL_S on another host
-can be taken over explicitly (`--take-over`).
+(a driver whose node died) can be taken over explicitly (`--take-over`), which never takes a
+lease that is still being renewed.
 """
 from __future__ import annotations
 
@@ -78,15 +79,16 @@ def acquire_lease(location: Location, take_over: bool = False) -> Lease:
     """Hold the study at `location`, or raise naming who holds it."""
     path = location / LEASE
     text = path.read_text()
-    if text is not None and not take_over:
+    if text is not None:
         held = json.loads(text)
         dead_here = held["host"] == socket.gethostname() and not _pid_alive(held["pid"])
-        if not dead_here:
-            stale = time.time() - held["renewed"] > LEASE_TTL_S
+        stale = time.time() - held["renewed"] > LEASE_TTL_S
+        if not dead_here and not (stale and take_over):
             raise StudyConfigError(
-                f"{location}: another driver is running this study: {_holder_line(held)}. "
-                + ("It looks stale; if that driver is gone, run again with --take-over."
-                   if stale else "Wait for it, or stop it first."))
+                f"{location}: another driver is running this study: {_holder_line(held)}. " + (
+                    "It looks stale; if that driver is gone, run again with --take-over." if stale else
+                    f"Wait for it, or stop it first (a lease not renewed for {LEASE_TTL_S:.0f} s can be "
+                    "taken over with --take-over)."))
     token = uuid.uuid4().hex
     record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": token}
 
