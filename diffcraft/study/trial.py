@@ -108,6 +108,7 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
     from diffcraft.audio.io import write_wav
     from diffcraft.data.dataset import ClipDataset
     from diffcraft.plots import loss_curve_figure, spectrogram_figure
+    from diffcraft.train.evaluate import seeded
 
     found = best_checkpoint(study, trial_id)
     if found is None:
@@ -127,8 +128,7 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
         model, cfg = model_from_checkpoint(best)
         if model.decoder is not None:
             clips = ClipDataset(cfg.data.cache, "validation")
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
+            with torch.no_grad(), seeded(0):
                 for i in range(min(N_AUDIO_SAMPLES, len(clips))):
                     clip = clips[i]
                     out = model(clip["audio"][None], clip["f0_hz"][None], clip["loudness_db"][None])

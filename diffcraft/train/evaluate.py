@@ -1,6 +1,8 @@
 """Per-epoch evaluation on validation clips: the paper's statistics plus collapse diagnostics."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from diffcraft.pitch import raw_chroma_accuracy, raw_pitch_accuracy
@@ -8,6 +10,17 @@ from diffcraft.train.metrics import active_units, mean_se_sd
 from diffcraft.train.objective import VOICED, latent_kl_dims, loss_terms
 
 MAX_LATENT_FRAMES = 200_000  # posterior means kept for active units (a random subset beyond)
+
+
+@contextmanager
+def seeded(seed: int = 0):
+    """Draw noise from streams seeded with `seed`, and leave the caller's streams (CPU and every
+    CUDA device) exactly as they were: the same weights always score the same, and training goes
+    on drawing what it would have drawn had no evaluation run."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _shuffle_gap(model, out: dict, terms: dict, batch: dict, mss_fn) -> float | None:
@@ -30,8 +43,7 @@ def evaluate(model, loader, mss_fn, device, autocast) -> dict:
     model.eval()
     mss, f0_pred, f0_true, voiced, loud_err = [], [], [], [], []
     f0_losses, loud_losses, kls, mus, sigmas, gaps = [], [], [], [], [], []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with torch.no_grad(), seeded(0):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
