@@ -79,10 +79,6 @@ class Location:
     def remote(self) -> bool:
         return is_remote(self.uri)
 
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.uri.rstrip("/"))
-
     def _fs(self):
         return filesystem(self.uri)
 
@@ -164,19 +160,6 @@ class Location:
             raise self._fail("list it", err) from None
         return {posixpath.relpath(i.path, path): (i.size, i.mtime_ns or 0) for i in infos
                 if i.type == pafs.FileType.File}
-
-    def upload(self, local: Path) -> None:
-        """Copy a local file or folder here (a folder's files below this location)."""
-        import pyarrow.fs as pafs
-
-        fs, path = self._fs()
-        try:
-            if Path(local).is_dir():
-                pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-            else:
-                (self.write_bytes(Path(local).read_bytes()))
-        except OSError as err:
-            raise self._fail(f"upload {local} to it", err) from None
 
     def download(self, local: Path) -> Path:
         """Copy this file or folder to `local` (a folder's files below it)."""
