@@ -1,7 +1,8 @@
 """Typed YAML configs: a YAML mapping maps one to one onto nested dataclasses.
 
 An unknown field, a wrong type or a bad choice raises ConfigError naming the dotted field path,
-so `train.lr: expected float, got 'fast'` points straight at the line to fix.
+so `train.lr: expected a number, got 'fast'` points straight at the line to fix; `json_schema`
+exports the same rules for editors.
 """
 from __future__ import annotations
 
@@ -170,4 +171,70 @@ def flatten(d: dict, prefix: str = "") -> dict:
             out.update(flatten(value, name))
         else:
             out[name] = value
+    return out
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its trailing `# comment`} from the dataclass source (empty when there is none)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+?)\s*$", source, re.M))
+
+
+def _type_schema(tp) -> dict:
+    """JSON Schema of one annotated type, as `_convert` accepts it."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return {}
+    if origin in (Union, types.UnionType):
+        return {"anyOf": [{"type": "null"} if arg is type(None) else _type_schema(arg) for arg in get_args(tp)]}
+    if origin is Literal:
+        return {"enum": list(get_args(tp))}
+    if origin in (list, tuple):
+        (item_tp, *_rest) = get_args(tp) or (Any,)
+        return {"type": "array", "items": _type_schema(item_tp)}
+    if origin is dict:
+        _key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {"type": "object", "additionalProperties": _type_schema(val_tp)}
+    if dataclasses.is_dataclass(tp):
+        return json_schema(tp)
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    if tp in simple:
+        return {"type": simple[tp]}
+    raise ConfigError(f"no JSON Schema for field type {_type_name(tp)}")
+
+
+def json_schema(cls) -> dict:
+    """JSON Schema of the YAML that `from_dict(cls, ...)` accepts: types, choices, defaults, the
+    fields' comments as descriptions, no unknown fields. A class attribute JSON_SCHEMA
+    ({field: schema}) replaces a field's derived schema. Range checks in `validate()` stay there."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    overrides = getattr(cls, "JSON_SCHEMA", {})
+    properties, required = {}, []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        schema = dict(overrides.get(f.name) or _type_schema(hints[f.name]))
+        if f.name in comments:
+            schema.setdefault("description", comments[f.name])
+        if f.default is not dataclasses.MISSING:
+            schema["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            if not dataclasses.is_dataclass(value):
+                schema["default"] = value
+        else:
+            required.append(f.name)
+        properties[f.name] = schema
+    doc = (cls.__doc__ or "").strip()
+    out = {"type": "object", "title": cls.__name__, "properties": properties, "additionalProperties": False}
+    if doc and not doc.startswith(f"{cls.__name__}("):  # not the signature dataclass makes up
+        out["description"] = doc.splitlines()[0]
+    if required:
+        out["required"] = required
     return out

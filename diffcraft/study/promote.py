@@ -56,6 +56,16 @@ def parse_constraint(text: str) -> tuple[str, str, float]:
     return metric, op, float(value)
 
 
+def check_metric_names(study: StudyConfig, names: list[tuple[str, str]]) -> None:
+    """Each (option, metric) must name a metric the study's trials report (or it with 'val_'
+    dropped); refused before anything is read, listing the ones they report."""
+    reported = study.reported_metrics()
+    for option, name in names:
+        if name not in reported and f"val_{name}" not in reported:
+            raise StudyConfigError(f"{option}: {name!r} is not a metric the trials of study {study.name!r} report; "
+                                   f"they report: {', '.join(sorted(reported))}")
+
+
 def _resolve(client, run_id: str, metric: str, step: int) -> tuple[str, float | None]:
     for name in (metric, f"val_{metric}"):
         value = metric_at(client, run_id, name, step)
@@ -79,12 +89,13 @@ def promote(study: StudyConfig, metric: str | None = None, mode: str | None = No
     from diffcraft.train.loop import make_autocast
     from diffcraft.train.objective import validation_loss
 
-    state = started_state(study)
     metric = metric or study.objective.metric
     mode = mode or study.objective.mode
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode {mode!r} is not min or max")
     constraints = [parse_constraint(w) for w in where]
+    check_metric_names(study, [("--metric", metric)] + [(f"--where {w!r}", c[0]) for w, c in zip(where, constraints)])
+    state = started_state(study)
     client = MlflowClient(state["tracking_uri"])
     runs = trial_runs(client, state)
     if trial is not None:

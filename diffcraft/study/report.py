@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from diffcraft.study.state import started_state
-from diffcraft.study.tracking import metric_at, trial_runs
+from diffcraft.study.tracking import NOTE, metric_at, trial_runs
 from diffcraft.study.schema import StudyConfig, best_of
 
 
 @dataclass
 class TrialRecord:
     run_id: str
-    trial: str
+    trial: str  # Tune's trial name
     status: str
     params: dict
     group: str
@@ -24,6 +25,9 @@ class TrialRecord:
     epochs: int
     best: dict  # metric -> value at the best epoch by the objective
     collapsed: bool
+    name: str = ""  # the MLflow run's name: what varies (core=bimamba seed=1)
+    error: str = ""  # a failed trial's error
+    artifact_uri: str = ""
 
 
 def trial_records(study: StudyConfig) -> list[TrialRecord]:
@@ -49,27 +53,69 @@ def trial_records(study: StudyConfig) -> list[TrialRecord]:
         params = {k: v for k, v in run.data.params.items() if k.removeprefix("run.") in searched or k in searched}
         records.append(TrialRecord(run.info.run_id, run.data.tags.get("trial_name", run.info.run_name), run.info.status,
                                    params, run.data.tags.get("config_group", ""), run.data.tags.get("seed", ""),
-                                   len(history), best, run.data.tags.get("collapsed") == "true"))
+                                   len(history), best, run.data.tags.get("collapsed") == "true", run.info.run_name,
+                                   run.data.tags.get("error", ""), run.info.artifact_uri))
     return sorted(records, key=lambda r: r.trial)
 
 
 def status_lines(study: StudyConfig) -> list[str]:
+    """One line per trial (failed ones with the first line of their error and where the rest is)
+    and the best so far."""
     records = trial_records(study)
+    state_uri = started_state(study)["tracking_uri"]
     objective = study.objective.metric
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
     lines = [f"study {study.name}: {len(records)} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))})"]
+    width = max([len(r.name) for r in records] + [10])
     for r in records:
         value = r.best.get(objective, math.nan)
         flag = "  collapsed" if r.collapsed else ""
-        lines.append(f"  {r.trial:40s} {r.status:9s} epochs {r.epochs:3d}  {objective} {value:.4f}  "
-                     f"{', '.join(f'{k}={v}' for k, v in sorted(r.params.items()))}{flag}")
-    done = [r for r in records if objective in r.best]
-    if done:
-        best = best_of(done, key=lambda r: r.best[objective], mode=study.objective.mode)
-        lines.append(f"best so far: {best.trial} {objective} {best.best[objective]:.4f}")
+        lines.append(f"  {r.name:{width}s}  {r.status:9s} epochs {r.epochs:3d}  {objective} {value:.4f}  "
+                     f"({r.trial}){flag}")
+        if r.status == "FAILED":
+            lines.append(f"      error: {error_headline(r.error)[:300]}")
+            lines.append(f"      full error: {_full_error(r, study, state_uri)}")
+    best = best_record(study, records)
+    if best:
+        lines.append(f"best so far: {best.name} ({best.trial}) {objective} {best.best[objective]:.4f}")
     return lines
+
+
+def error_headline(text: str) -> str:
+    """The line that says what went wrong: the innermost `SomeError: message` of a traceback (Ray
+    wraps a worker's error in its own), else the first line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\w*: ", line)]
+    return (raised or lines or ["no error was recorded"])[-1 if raised else 0]
+
+
+def best_record(study: StudyConfig, records: list[TrialRecord]) -> TrialRecord | None:
+    """The trial with the best objective at its best epoch, if any has one."""
+    done = [r for r in records if study.objective.metric in r.best]
+    return best_of(done, key=lambda r: r.best[study.objective.metric], mode=study.objective.mode) if done else None
+
+
+def _full_error(record: TrialRecord, study: StudyConfig, tracking_uri: str) -> str:
+    """Where a failed trial's traceback is: its run's error.txt (a path for a local artifact
+    store, else the command that fetches it), or Tune's error file in the study's storage."""
+    from urllib.parse import unquote, urlparse
+
+    client = MlflowClient(tracking_uri)
+    if any(a.path == "error.txt" for a in client.list_artifacts(record.run_id)):
+        uri = f"{record.artifact_uri}/error.txt"
+        if uri.startswith("file:"):
+            return unquote(urlparse(uri).path)
+        if uri.startswith("/"):
+            return uri
+        return (f"MLFLOW_TRACKING_URI={tracking_uri} mlflow artifacts download -r {record.run_id} -a error.txt "
+                f"(run {record.name!r}, artifact error.txt)")
+    tune = study.location / "tune"
+    for rel in tune.list_info():
+        if rel.startswith(record.trial) and rel.endswith("/error.txt"):
+            return (tune / rel).uri
+    return "no traceback was logged (the trial's process died); see the Ray logs of its node"
 
 
 def _pooled(records: list[TrialRecord], metric: str) -> tuple[float, float, float, int]:
@@ -96,13 +142,8 @@ REPORT_METRICS = ("val_mss_mean", "val_rpa", "val_rca", "val_loudness_mae_db", "
                   "val_active_units")
 
 
-def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
-    """A table like the paper's: per configuration, each metric as mean ± SE (SD) over validation
-    clips and seeds; markdown and CSV, logged to the study's parent run."""
-    state = started_state(study)
-    records = [r for r in trial_records(study) if r.best]
-    out_dir = Path(out_dir) if out_dir else _report_dir(study)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def report_rows(study: StudyConfig, records: list[TrialRecord]) -> tuple[list[dict], list[str]]:
+    """(one row per configuration, best first; the metrics its columns show)."""
     groups: dict[str, list[TrialRecord]] = {}
     for r in records:
         groups.setdefault(r.group, []).append(r)
@@ -119,26 +160,58 @@ def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
     key = study.objective.metric if study.objective.metric in metrics else (metrics[0] if metrics else None)
     if key:
         rows.sort(key=lambda row: row[key], reverse=study.objective.mode == "max")
+    return rows, metrics
+
+
+def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool = True) -> str:
+    """The report table in markdown (records: the trials with results)."""
+    rows, metrics = report_rows(study, records)
+    md = ([f"# Study {study.name}", ""] if title else []) + [
+        f"Objective: {study.objective.metric} ({study.objective.mode}); {len(records)} trials with results. "
+        "Values: mean ± standard error (standard deviation) over validation clips and seeds.", "",
+        "| configuration | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for row in rows:
+        cells = [f"{row[m]:.4f} ± {row[m + '_se']:.4f} ({row[m + '_sd']:.4f})" if not math.isnan(row[m]) else "-"
+                 for m in metrics]
+        md.append(f"| {row['configuration']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
+def describe_study_run(study: StudyConfig, records: list[TrialRecord] | None = None) -> str:
+    """Set the parent run's description (what the MLflow UI shows on its page): the best trial
+    and the report table. Returns the markdown."""
+    state = started_state(study)
+    records = [r for r in (trial_records(study) if records is None else records) if r.best]
+    best = best_record(study, records)
+    lead = (f"**Best trial: `{best.name}`** ({best.trial}): {study.objective.metric} = "
+            f"{best.best[study.objective.metric]:.4f} ({study.objective.mode}), run `{best.run_id}`."
+            if best else "No trial has results yet.")
+    text = f"{study.description}\n\n{lead}\n\n{report_markdown(study, records, title=False)}".lstrip()
+    MlflowClient(state["tracking_uri"]).set_tag(state["parent_run_id"], NOTE, text)
+    return text
+
+
+def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
+    """A table like the paper's: per configuration, each metric as mean ± SE (SD) over validation
+    clips and seeds; markdown and CSV, logged to the study's parent run and set as its description."""
+    state = started_state(study)
+    records = [r for r in trial_records(study) if r.best]
+    out_dir = Path(out_dir) if out_dir else _report_dir(study)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, _ = report_rows(study, records)
     csv_path = out_dir / f"{study.name}_report.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["configuration"])
         writer.writeheader()
         writer.writerows(rows)
-    md = [f"# Study {study.name}", "", f"Objective: {study.objective.metric} ({study.objective.mode}); "
-          f"{len(records)} trials with results. Values: mean ± standard error (standard deviation) over "
-          "validation clips and seeds.", "",
-          "| configuration | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for row in rows:
-        cells = [f"{row[m]:.4f} ± {row[m + '_se']:.4f} ({row[m + '_sd']:.4f})" if not math.isnan(row[m]) else "-"
-                 for m in metrics]
-        md.append(f"| {row['configuration']} | {row['seeds']} | " + " | ".join(cells) + " |")
     md_path = out_dir / f"{study.name}_report.md"
-    md_path.write_text("\n".join(md) + "\n")
+    md_path.write_text(report_markdown(study, records))
     client = MlflowClient(state["tracking_uri"])
     for path in (md_path, csv_path):
         client.log_artifact(state["parent_run_id"], str(path), "report")
     for figure in _optuna_figures(study, out_dir):
         client.log_artifact(state["parent_run_id"], str(figure), "report")
+    describe_study_run(study, records)
     return md_path
 
 

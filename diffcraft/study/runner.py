@@ -19,8 +19,8 @@ from diffcraft.raytools import forwarded_env
 from diffcraft.storage import Location, filesystem
 from diffcraft.study.schema import StudyConfig, StudyConfigError, parse_distribution
 from diffcraft.study.state import acquire_lease, load_state, save_state
-from diffcraft.study.tracking import (code_version, default_tracking_uri, experiment_id, require_server_for_cluster,
-                                      trial_runs)
+from diffcraft.study.tracking import (code_version, default_tracking_uri, experiment_id, mark_model_training,
+                                      require_server_for_cluster, trial_runs)
 
 
 def param_space(study: StudyConfig) -> dict:
@@ -58,7 +58,10 @@ def optuna_storage(study: StudyConfig):
 def _search_and_scheduler(study: StudyConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    search = None
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # grid and random: values sampled once per sample and kept over the seeds' grid
+    search = BasicVariantGenerator(constant_grid_search=True)
     if study.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -73,12 +76,26 @@ def _search_and_scheduler(study: StudyConfig):
     return search, scheduler
 
 
-def stored_differences(stored: dict, study: StudyConfig) -> list[str]:
-    """Fields where the study file differs from the study as it was started (dotted names)."""
+def _differences(stored: dict, study: StudyConfig) -> dict[str, tuple]:
+    """{dotted field: (as started, in this file)} where they differ."""
     from diffcraft.typed_yaml import flatten
 
     old, new = flatten(stored), flatten(json.loads(json.dumps(asdict(study))))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+
+
+def refuse_a_different_file(study: StudyConfig, state: dict | None) -> None:
+    """A study name already used by a different study file is refused, saying what differs."""
+    if state is None:
+        return
+    differ = _differences(state["study"], study)
+    if differ:
+        shown = [f"{k} was {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items())[:8]]
+        raise StudyConfigError(
+            f"{study.location}: study {study.name!r} exists and was started from a different study file "
+            f"({', '.join(sorted(differ)[:8])}{' ...' if len(differ) > 8 else ''} differ): {'; '.join(shown)}. "
+            f"Give this one another name, or continue the stored one with "
+            f"`diffcraft study resume {study.name} --storage {study.storage}`")
 
 
 def open_study(study: StudyConfig, address: str | None) -> dict:
@@ -88,12 +105,7 @@ def open_study(study: StudyConfig, address: str | None) -> dict:
 
     state = load_state(study.location)
     if state is not None:
-        differ = stored_differences(state["study"], study)
-        if differ:
-            raise StudyConfigError(
-                f"{study.location}: study {study.name!r} exists and was started from a different study file "
-                f"({', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''} differ): give this one another name, "
-                f"or continue the stored one with `diffcraft study resume {study.name} --storage {study.storage}`")
+        refuse_a_different_file(study, state)
         return state
     uri = default_tracking_uri(study.mlflow.tracking_uri)
     require_server_for_cluster(study.mlflow.tracking_uri, address)
@@ -154,12 +166,15 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
     from diffcraft.data.cache import require_manifest
     from diffcraft.raytools import ray_session
     from diffcraft.study.preflight import preflight
+    from diffcraft.study.report import describe_study_run
     from diffcraft.study.trial import TRIAL_DRIVER_MEMORY, trial_main, trial_run_callback
 
+    stored = load_state(study.location)  # every mistake is refused before the lease, Ray and MLflow
+    if resume and stored is None:
+        raise StudyConfigError(f"{study.location}: no study to resume here")
+    refuse_a_different_file(study, stored)
     require_server_for_cluster(study.mlflow.tracking_uri, address)
     require_manifest(Location.of(study.run.data.cache))
-    if resume and load_state(study.location) is None:
-        raise StudyConfigError(f"{study.location}: no study to resume here")
     lease = acquire_lease(study.location, take_over)
     try:
         state = open_study(study, address)
@@ -167,6 +182,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
         if swept:
             progress(f"marked {len(swept)} trial run(s) of a lost driver KILLED; Tune resumes their trials")
         client = MlflowClient(state["tracking_uri"])
+        mark_model_training(client, state["experiment_id"])
         client.update_run(state["parent_run_id"], status="RUNNING")
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot the experiment often: resume loses little
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # the 2 s default adds seconds per epoch
@@ -210,6 +226,10 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
         client.set_terminated(state["parent_run_id"], "KILLED" if interrupted else "FINISHED")
         if interrupted:
             sweep_orphan_runs(state)
+        try:
+            describe_study_run(study)
+        except Exception as err:  # noqa: BLE001 - the trials' results stand without their summary
+            progress(f"could not write the study's description to its MLflow run ({type(err).__name__}: {err})")
         return StudyOutcome(results, counts, interrupted)
     except BaseException:
         state = load_state(study.location)

@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from diffcraft.typed_yaml import apply_overrides, from_dict, load_yaml, set_dotted
+from diffcraft.typed_yaml import apply_overrides, from_dict, json_schema, load_yaml, set_dotted
 from diffcraft.errors import ConfigError
 from diffcraft.storage import Location, absolute, is_remote
 from diffcraft.train.config import RunConfig
+from diffcraft.train.stages import clip_fit_problems, ignores, scalar_metric_names
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -47,10 +49,16 @@ class StudyConfigError(ConfigError):
 
 @dataclass
 class SearchConfig:
-    algorithm: Literal["optuna", "grid", "random"] = "grid"
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
-    samples: int = 1
-    seeds: int = 1
+    algorithm: Literal["optuna", "grid", "random"] = "grid"  # optuna: TPE; grid: every combination; random: draws
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted run-config field -> one distribution
+    samples: int = 1  # optuna/random: trials drawn; grid: repeats of the grid
+    seeds: int = 1  # seeds per configuration (a grid over train.seed)
+
+    JSON_SCHEMA: ClassVar[dict] = {"space": {  # what an editor offers under search.space
+        "type": "object", "description": "dotted run-config field -> one distribution",
+        "additionalProperties": {"type": "object", "minProperties": 1, "maxProperties": 1,
+                                 "additionalProperties": False, "properties": {
+                                     kind: {"type": "array", "minItems": 1} for kind in DISTRIBUTIONS}}}}
 
 
 @dataclass
@@ -134,8 +142,6 @@ class StudyConfig:
             raise StudyConfigError("search.seeds: train.seed is already in the search space")
         if s.seeds > 1 and s.algorithm == "optuna":
             raise StudyConfigError("search.seeds: repeating seeds needs algorithm grid or random")
-        if not re.match(r"^(val|train)_\w+$", self.objective.metric):
-            raise StudyConfigError(f"objective.metric: {self.objective.metric!r} is not a val_* or train_* metric")
         sch = self.scheduler
         if sch.grace_epochs < 1 or sch.reduction_factor < 2:
             raise StudyConfigError("scheduler.grace_epochs must be >= 1 and scheduler.reduction_factor >= 2")
@@ -143,15 +149,49 @@ class StudyConfig:
         if r.workers < 1 or r.cpus_per_worker <= 0 or r.gpus_per_worker < 0:
             raise StudyConfigError(f"resources: workers >= 1, cpus_per_worker > 0, gpus_per_worker >= 0 "
                                    f"(got {r.workers}, {r.cpus_per_worker}, {r.gpus_per_worker})")
-        if base.data.batch_size % r.workers:
-            raise StudyConfigError(f"run.data.batch_size: {base.data.batch_size} (the global batch) does not split "
-                                   f"evenly over resources.workers: {r.workers}")
         if self.concurrency < 1 or self.max_retries < 0:
             raise StudyConfigError(f"concurrency must be >= 1 and max_retries >= 0 (got {self.concurrency}, {self.max_retries})")
         g = self.collapse_guard
         if g.min_active_units < 0 or g.patience < 1:
             raise StudyConfigError(f"collapse_guard: min_active_units >= 0, patience >= 1 "
                                    f"(got {g.min_active_units}, {g.patience})")
+        self.check_trials()
+
+    def check_trials(self) -> None:
+        """What every trial will be, checked before any starts: the objective and the collapse
+        guard's metric are ones its stage reports, every searched field is one it reads, and its
+        sizes fit a training clip and split over the workers."""
+        trials = variants(self)
+        needed = {"objective.metric": self.objective.metric}
+        if self.collapse_guard.min_active_units:
+            needed["collapse_guard.min_active_units"] = "val_active_units"
+        for field_name, metric in needed.items():
+            lacking = [(params, cfg) for params, cfg in trials if metric not in scalar_metric_names(cfg)]
+            if lacking:
+                params, cfg = lacking[0]
+                who = _trials_with(params if len(lacking) < len(trials) else {}, cfg)
+                what = (f"{metric!r} is not a metric that {who} report" if field_name == "objective.metric" else
+                        f"{self.collapse_guard.min_active_units} watches {metric}, which {who} do not report "
+                        "(only an encoder has latents; 0 turns the guard off)")
+                raise StudyConfigError(f"{field_name}: {what}; they report: "
+                                       f"{', '.join(sorted(scalar_metric_names(cfg)))}")
+        for params, cfg in trials:
+            problems = clip_fit_problems(cfg)
+            if cfg.data.batch_size % self.resources.workers:
+                problems["data.batch_size"] = (f"{cfg.data.batch_size} (the global batch) does not split evenly over "
+                                               f"resources.workers: {self.resources.workers}")
+            for key, problem in problems.items():
+                raise StudyConfigError(f"{'search.space.' if key in params else 'run.'}{key}: {problem}")
+        for key in self.search.space:
+            why = STUDY_IGNORED.get(key)
+            reasons = [why] if why else [ignores(cfg, key) for _, cfg in trials]
+            if all(reasons):
+                raise StudyConfigError(f"search.space.{key}: no trial reads it ({reasons[0]}), so the search "
+                                       "would train the same configuration again and again")
+
+    def reported_metrics(self) -> set[str]:
+        """The per-epoch metrics some trial of this study reports."""
+        return set().union(*(scalar_metric_names(cfg) for _, cfg in variants(self)))
 
     def base_run(self) -> RunConfig:
         return copy.deepcopy(self.run)
@@ -160,6 +200,42 @@ class StudyConfig:
     def location(self) -> Location:
         """Where everything the study persists lives: storage/name."""
         return Location.of(self.storage) / self.name
+
+
+STUDY_IGNORED = {  # run-config fields a study sets itself -> why searching them changes nothing
+    "name": "a trial's run is named by the study", "out_dir": "trials live in the study's storage",
+    "train.device": "trials train on Ray Train's device (resources.gpus_per_worker)"}
+MAX_VARIANTS = 4096
+
+
+def variants(study: StudyConfig) -> list[tuple[dict, RunConfig]]:
+    """(searched values, run config) for every combination of the searched choice and grid values
+    and of the bounds of the searched ranges (the first MAX_VARIANTS): the trials a study can have,
+    as far as their stage, latents and sizes go."""
+    keys, options = [], []
+    for key, spec in study.search.space.items():
+        if key == "train.seed":
+            continue
+        kind, values = parse_distribution(key, spec)
+        keys.append(key)
+        options.append(values)
+    out = []
+    for combo in itertools.islice(itertools.product(*options), MAX_VARIANTS):
+        params = dict(zip(keys, combo))
+        try:
+            out.append((params, run_config(study.run, params)))
+        except ConfigError as err:
+            raise StudyConfigError(f"search.space: the combination {params} does not fit the run config "
+                                   f"({err})") from None
+    return out
+
+
+def _trials_with(params: dict, cfg: RunConfig) -> str:
+    """'the trials with model.stage=decoder', or 'this study's trials (model.stage: decoder)'."""
+    if params:
+        return "the trials with " + ", ".join(f"{k}={v}" for k, v in params.items())
+    latent = f", model.encoder.latent: {cfg.model.encoder.latent}" if cfg.model.stage != "decoder" else ""
+    return f"this study's trials (model.stage: {cfg.model.stage}{latent})"
 
 
 def key_seed(space: dict) -> bool:
@@ -197,6 +273,34 @@ def run_config(base: RunConfig, params: dict) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Each dotted key's shortest tail that no other key ends with: model.decoder.core -> core,
+    or decoder.core beside model.encoder.core."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(other != key and (other == tail or other.endswith("." + tail)) for other in keys):
+                break
+        out[key] = tail
+    return out
+
+
+def _short_value(value) -> str:
+    """3 significant digits for floats, very small or large ones as 3.16e-4."""
+    if not isinstance(value, float) or value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def trial_label(params: dict) -> str:
+    """A trial's name from what varies, short: 'core=bimamba lr=3.2e-4 seed=1' ('base' for none)."""
+    names = short_keys(list(params))
+    return " ".join(f"{names[k]}={_short_value(v)}" for k, v in params.items())[:250] or "base"
+
+
 def config_hash(params: dict, without_seed: bool = False) -> str:
     """Short stable hash of a trial's parameters (seed left out: the configuration group)."""
     items = {k: v for k, v in params.items() if not (without_seed and k == "train.seed")}
@@ -229,3 +333,16 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
         return from_dict(StudyConfig, data)
     except ConfigError as err:
         raise StudyConfigError(f"{path}: {err}") from None
+
+
+SCHEMA_KINDS = {"study": StudyConfig, "run": RunConfig}
+
+
+def file_schema(kind: str = "study") -> dict:
+    """JSON Schema (draft 2020-12) of a study file or a run config file, for editors (e.g. the
+    YAML language server: `# yaml-language-server: $schema=study.schema.json`)."""
+    if kind not in SCHEMA_KINDS:
+        raise StudyConfigError(f"--kind {kind!r} is not one of {list(SCHEMA_KINDS)}")
+    schema = json_schema(SCHEMA_KINDS[kind])
+    title = {"study": "diffcraft study file", "run": "diffcraft run config"}[kind]
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": title}

@@ -19,6 +19,9 @@ from diffcraft.typed_yaml import flatten
 from diffcraft.study.schema import StudyConfigError
 
 MAX_PARAMS_PER_BATCH = 100
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI picks an experiment's view from this tag ...
+MODEL_TRAINING = "custom_model_development"  # ... this value opens the runs table (else: the GenAI overview)
+NOTE = "mlflow.note.content"  # a run's description in the UI (markdown)
 
 
 def default_tracking_uri(uri: str = "") -> str:
@@ -68,6 +71,21 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment for MLflow's model-training view, unless someone chose another view."""
+    if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+
+
+def ui_link(state: dict, ui: str = "http://127.0.0.1:5000") -> str:
+    """The study's runs table in the MLflow UI (`ui`: where `mlflow ui` serves a local store; a
+    tracking server serves its own). MLflow 3.17's UI opens an experiment on the GenAI overview
+    unless the link asks for the model-training view."""
+    uri = state["tracking_uri"]
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui
+    return f"{base}/#/experiments/{state['experiment_id']}/runs?workflowType=machine_learning"
+
+
 def scalar_metrics(metrics: dict) -> dict[str, float]:
     """Finite numbers of an epoch's metrics, list-valued ones spread as name_0, name_1, ..."""
     out = {}
@@ -101,14 +119,15 @@ class TrialRun:
 
     @classmethod
     def open(cls, tracking_uri: str, experiment: str, parent_run_id: str, trial_id: str, tags: dict,
-             params: dict) -> "TrialRun":
-        """Reuse the trial's run (found by its trial_id tag: a restarted trial keeps its run) or create it."""
+             params: dict, run_name: str = "") -> "TrialRun":
+        """Reuse the trial's run (found by its trial_id tag: a restarted trial keeps its run) or
+        create it, named `run_name` (default: the trial's name)."""
         client = MlflowClient(tracking_uri)
         found = client.search_runs([experiment], f"tags.trial_id = '{trial_id}'", max_results=1)
         run_id = found[0].info.run_id if found else None
         if run_id is None:
             tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, **tags}
-            run = client.create_run(experiment, run_name=str(tags.get("trial_name", trial_id)),
+            run = client.create_run(experiment, run_name=run_name or str(tags.get("trial_name", trial_id)),
                                     tags={k: str(v) for k, v in tags.items()})
             run_id = run.info.run_id
             items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
