@@ -43,10 +43,9 @@ def _cmd_train(args) -> None:
 def _finish_study(study, outcome) -> None:
     """Print the status and how to look at it; exit non-zero unless every trial finished."""
     from diffcraft.study.report import status_lines
-    from diffcraft.study.tracking import default_tracking_uri
 
     print("\n".join(status_lines(study)))
-    print(f"MLflow: mlflow ui --backend-store-uri {default_tracking_uri(study.mlflow.tracking_uri)}")
+    _print_mlflow_link(study)
     if outcome.interrupted:
         print(f"diffcraft: interrupted; continue with `diffcraft study resume {study.name} --storage {study.storage}`",
               file=sys.stderr)
@@ -54,6 +53,16 @@ def _finish_study(study, outcome) -> None:
     if outcome.failed:
         print(f"diffcraft: {outcome.failed} trial(s) failed (see `diffcraft study status {study.name}`)", file=sys.stderr)
         raise SystemExit(1)
+
+
+def _print_mlflow_link(study) -> None:
+    from diffcraft.study.state import started_state
+    from diffcraft.study.tracking import ui_link
+
+    state = started_state(study)
+    if not state["tracking_uri"].startswith(("http://", "https://")):
+        print(f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}")
+    print(f"runs: {ui_link(state)}")
 
 
 def _cmd_study_run(args) -> None:
@@ -80,7 +89,9 @@ def _cmd_study_resume(args) -> None:
 def _cmd_study_status(args) -> None:
     from diffcraft.study.report import status_lines
 
-    print("\n".join(status_lines(_stored_study(args))))
+    study = _stored_study(args)
+    print("\n".join(status_lines(study)))
+    _print_mlflow_link(study)
 
 
 def _cmd_study_report(args) -> None:
@@ -89,6 +100,19 @@ def _cmd_study_report(args) -> None:
     path = write_report(_stored_study(args))
     print(path.read_text())
     print(f"report written to {path.parent} and logged to the study's MLflow parent run")
+
+
+def _cmd_study_schema(args) -> None:
+    import json
+
+    from diffcraft.study.schema import file_schema
+
+    text = json.dumps(file_schema(args.kind), indent=2) + "\n"
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote the JSON Schema of a {args.kind} file to {args.out}")
+    else:
+        print(text, end="")
 
 
 def _cmd_study_submit(args) -> None:
@@ -148,7 +172,9 @@ def _cmd_promote(args) -> None:
     from diffcraft.study.promote import promote
     from diffcraft.study.state import started_state
 
-    study = _stored_study(args)
+    from diffcraft.study.runner import study_from_storage
+
+    study = study_from_storage(args.study, args.storage)
     p = promote(study, metric=args.metric, mode=args.mode, alias=args.alias, where=args.where,
                 name=args.name, trial=args.trial)
     print(f"promoted trial {p.trial} ({p.metric} = {p.value:.6g}, re-measured {p.reproduced:.6g}) as "
@@ -233,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--address", default=ray_address)
             cmd.add_argument("--take-over", action="store_true")
         cmd.set_defaults(func=func)
+    schema = study.add_parser("schema", help="the JSON Schema of study (or run) files, for editors")
+    schema.add_argument("--kind", default="study", choices=["study", "run"])
+    schema.add_argument("--out", type=Path, default=None, help="write it here (default: print it)")
+    schema.set_defaults(func=_cmd_study_schema)
     submit = study.add_parser("submit", help="run a study on a Ray cluster as a Ray Job")
     submit.add_argument("file", type=Path)
     submit.add_argument("--address", required=True, help="the cluster's Jobs API, e.g. http://HEAD:8265")
@@ -256,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_cluster_check)
 
     prom = sub.add_parser("promote", help="register a study's best finished trial in the MLflow registry")
-    prom.add_argument("name", metavar="STUDY")
+    prom.add_argument("study", metavar="STUDY")
     prom.add_argument("--storage", default="studies", help="the study's storage (a folder or s3://, gs://)")
     prom.add_argument("--metric", default=None, help="default: the study objective")
     prom.add_argument("--mode", default=None, choices=["min", "max"])

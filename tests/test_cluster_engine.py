@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from tests.clusterkit import (MlflowServer, RayCluster, S3Server, kill_group, mount_namespaces_allowed, read_output,
                               run_driver, start_driver)
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 CLI = [sys.executable, "-m", "diffcraft.cli"]
 

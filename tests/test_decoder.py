@@ -15,6 +15,7 @@ def test_default_decoder_is_the_published_ddsp_size():
     assert out["audio"].shape == (2, 64000) and out["distribution_raw"].shape == (2, 400, 100)
 
 
+@pytest.mark.slow  # 15-100 s per core here (250 steps; the Mamba cores compile numba kernels first)
 @pytest.mark.parametrize("core", CORES)
 def test_decoder_overfits_one_clip_for_every_core(core, synth_cache):
     torch.manual_seed(0)

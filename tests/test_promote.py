@@ -23,6 +23,8 @@ from diffcraft.train.checkpoint import model_from_checkpoint
 from diffcraft.transfer import timbre_transfer
 from tests.conftest import sine
 
+pytestmark = pytest.mark.slow  # the module's study: about 50 s to set up
+
 
 @pytest.fixture(scope="module")
 def finished_study(ray_local, synth_cache, tmp_path_factory):
@@ -63,11 +65,12 @@ def artifact_checkpoint(study, run_id) -> Path:
 def test_promote_picks_the_best_finished_trial_and_moves_the_alias(finished_study):
     runs, values = finished_values(finished_study)
     assert len(values) == 3 and len(runs) == 4
-    first = promote(finished_study)
+    name = "diffcraft-p-ordering"  # a registered model of this test alone: its versions start at 1 in any order
+    first = promote(finished_study, name=name)
     assert first.trial == min(values, key=values.get) and first.version == "1"
     assert first.reproduced == pytest.approx(first.value, rel=1e-3)
     second_best = sorted(values.values())[1]
-    second = promote(finished_study, where=[f"mss_mean >= {second_best - 1e-9}"])
+    second = promote(finished_study, where=[f"mss_mean >= {second_best - 1e-9}"], name=name)
     assert second.value == pytest.approx(second_best) and second.version == "2"
     client = MlflowClient(finished_study.mlflow.tracking_uri)
     assert str(client.get_model_version_by_alias(second.name, "champion").version) == "2"
@@ -75,7 +78,32 @@ def test_promote_picks_the_best_finished_trial_and_moves_the_alias(finished_stud
     version = client.get_model_version(second.name, "2")
     assert version.tags["study"] == "p" and version.tags["metric"] == "val_mss_mean" and version.description
     with pytest.raises(StudyConfigError, match="no finished trial"):
-        promote(finished_study, where=["mss_mean < 0"])
+        promote(finished_study, where=["mss_mean < 0"], name=name)
+
+
+def test_promote_refuses_a_checkpoint_whose_metric_does_not_reproduce(finished_study, tmp_path):
+    """The best trial's logged checkpoint replaced by a loadable one with other weights: the
+    re-measured validation MSS differs from the logged one, so nothing is registered."""
+    from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
+
+    runs, values = finished_values(finished_study)
+    best = next(r for r in runs if r.data.tags.get("trial_name") == min(values, key=values.get))
+    path = artifact_checkpoint(finished_study, best.info.run_id)
+    backup = tmp_path / "best.pt"
+    shutil.copy(path, backup)
+    name = "diffcraft-p-unreproduced"
+    try:
+        state = load_checkpoint(path)
+        torch.manual_seed(0)
+        state["model"] = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v
+                          for k, v in state["model"].items()}
+        save_checkpoint(path, state)
+        with pytest.raises(CheckpointError, match=r"not the logged .*refusing to promote it"):
+            promote(finished_study, name=name)
+    finally:
+        shutil.copy(backup, path)
+    client = MlflowClient(finished_study.mlflow.tracking_uri)
+    assert not client.search_model_versions(f"name='{name}'")
 
 
 def test_promote_refuses_an_unfinished_trial(finished_study):

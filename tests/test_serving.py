@@ -29,6 +29,8 @@ from diffcraft.train.checkpoint import model_from_checkpoint
 from tests.conftest import sine
 from tests.test_promote import finished_study  # noqa: F401 - the module's study, a fixture
 
+pytestmark = pytest.mark.slow  # the module's study: about 50 s to set up
+
 NAME = "diffcraft-p-serving"  # a registered model of its own: versions numbered apart from test_promote's
 PARAMS = {"pitch_shift": 3.0, "crepe_model": "tiny", "seed": 0}
 

@@ -36,6 +36,7 @@ def child_runs(study):
     return client, parents, children
 
 
+@pytest.mark.slow
 def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local, synth_cache, tmp_path):
     path = write_study(tmp_path, synth_cache, search={"algorithm": "grid", "space": {
         "model.decoder.core": {"grid": ["gru", "mamba"]}}})
@@ -71,6 +72,7 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
         run_study(changed, verbose=0)
 
 
+@pytest.mark.slow
 def test_optuna_with_asha_stops_a_trial_early(ray_local, synth_cache, tmp_path):
     path = write_study(tmp_path, synth_cache, run={"train": {"epochs": 4}}, concurrency=1,
                        search={"algorithm": "optuna", "samples": 5,
@@ -80,14 +82,25 @@ def test_optuna_with_asha_stops_a_trial_early(ray_local, synth_cache, tmp_path):
     results = run_study(study, verbose=0).results
     iterations = sorted(r.metrics["training_iteration"] for r in results)
     assert len(iterations) == 5 and iterations[0] < 4 and iterations[-1] == 4
-    _, _, children = child_runs(study)
+    client, _, children = child_runs(study)
     assert len(children) == 5 and not [r for r in children if r.info.status == "RUNNING"]
+    epochs = {r.metrics["trial_id"]: int(r.metrics["epochs_done"]) for r in results}
+    for run in children:  # stopped early by ASHA: KILLED, saying so; trained every epoch: FINISHED
+        done = epochs[run.data.tags["trial_id"]]
+        assert len(client.get_metric_history(run.info.run_id, "val_mss_mean")) == done
+        if done < 4:
+            assert run.info.status == "KILLED" and run.data.tags["ended_by"] == "scheduler", run.data.tags
+            assert run.data.tags["stopped_reason"] == f"stopped by the asha scheduler after {done} of 4 epochs"
+            assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+        else:
+            assert run.info.status == "FINISHED" and "stopped_reason" not in run.data.tags
     assert (tmp_path / "studies" / "s" / "optuna.db").is_file()
     report = write_report(study)
     assert (report.parent / "s_optuna_history.png").stat().st_size > 5000
     assert (report.parent / "s_optuna_importance.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_a_failing_trial_fails_alone(ray_local, synth_cache, tmp_path):
     path = write_study(tmp_path, synth_cache, search={"algorithm": "grid", "space": {
         "train.lr": {"grid": [1e-3, 1e12]}}})
@@ -133,6 +146,7 @@ def test_every_invalid_study_field_is_named(tmp_path, fields, message):
     assert message in str(info.value) and "study.yaml" in str(info.value)
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_to_completion_without_duplicate_runs(synth_cache, tmp_path):
     """SIGKILL the whole `diffcraft study run` process group once a trial has finished, then
     `diffcraft study resume`: every trial ends FINISHED exactly once, none is left RUNNING, and
@@ -175,6 +189,7 @@ def test_killed_driver_resumes_to_completion_without_duplicate_runs(synth_cache,
         assert sorted(steps) == [0, 1, 2], steps
 
 
+@pytest.mark.slow
 def test_study_logs_to_a_real_mlflow_tracking_server(ray_local, synth_cache, tmp_path):
     import socket
     import subprocess
@@ -228,6 +243,7 @@ def test_shipped_studies_validate(name):
     assert study.name == name and study.search.space
 
 
+@pytest.mark.slow
 def test_a_two_worker_ray_train_trial_runs_on_cpu(ray_local, synth_cache, tmp_path):
     path = write_study(tmp_path, synth_cache, resources={"workers": 2, "cpus_per_worker": 0.5},
                        run={"data": {"clips_per_epoch": 8, "batch_size": 4}}, concurrency=1)
@@ -237,7 +253,8 @@ def test_a_two_worker_ray_train_trial_runs_on_cpu(ray_local, synth_cache, tmp_pa
     client, _, children = child_runs(study)
     run = children[0]
     assert run.info.status == "FINISHED" and run.data.tags["workers"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")] == [0, 1]
+    for key in run.data.metrics:  # only rank 0 logs: one value per epoch of every metric
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
     from diffcraft.train.checkpoint import load_checkpoint
 
     trial_dir = next((tmp_path / "studies" / "s" / "train").iterdir())
@@ -253,6 +270,7 @@ def test_three_workers_of_one_cpu_each_do_not_fit_two_cpus(ray_local, synth_cach
         run_study(study, verbose=0)
 
 
+@pytest.mark.slow
 def test_study_run_exits_non_zero_when_a_trial_failed(synth_cache, tmp_path):
     import subprocess
     import sys
@@ -265,6 +283,7 @@ def test_study_run_exits_non_zero_when_a_trial_failed(synth_cache, tmp_path):
     assert "1 trial(s) failed" in done.stderr and "2 trials (1 failed, 1 finished)" in done.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_study_run_killed_and_resume_finishes_it(synth_cache, tmp_path):
     import os
     import signal

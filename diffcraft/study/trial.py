@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diffcraft.storage import Location, filesystem
-from diffcraft.study.schema import StudyConfig, config_hash, run_config
+from diffcraft.study.schema import StudyConfig, config_hash, run_config, trial_label
 from diffcraft.study.tracking import TrialRun, code_version
 from diffcraft.study.worker import METRICS_FILE, STATE_FILE, train_worker
 from diffcraft.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -48,7 +48,7 @@ def trial_main(params: dict, study: StudyConfig, state: dict) -> None:
             "config_hash": config_hash(params), "config_group": config_hash(params, without_seed=True),
             "code_version": code_version(), "workers": study.resources.workers}
     run = TrialRun.open(state["tracking_uri"], state["experiment_id"], state["parent_run_id"], trial_id, tags,
-                        asdict(cfg))
+                        asdict(cfg), run_name=trial_label(params))  # named by what varies; Tune's name is a tag
     fs, root = filesystem(train_location(study).uri)
     r = study.resources
     _pin_cluster_address()
@@ -162,17 +162,19 @@ def end_trial_run(study: StudyConfig, state: dict, trial, failed: bool = False) 
         except Exception as err:  # noqa: BLE001 - the run still ends; the tag says what is missing
             run.tag(artifacts_error=f"{type(err).__name__}: {err}"[:5000])
     done = int(last.get("epochs_done", 0))
+    guard_stopped = bool(last.get("collapsed")) and study.collapse_guard.action == "stop" \
+        and done < study.run.train.epochs
     if failed:
         status = "FAILED"
         run.tag(ended_by="error", **({} if "error" in found[0].data.tags else
                                     {"error": "the trial's process died (its node was lost or it was killed)"}))
-    elif done < study.run.train.epochs and not last.get("collapsed"):
+    elif done < study.run.train.epochs and not guard_stopped:
         status = "KILLED"
         run.tag(ended_by="scheduler", stopped_reason=f"stopped by the {study.scheduler.kind} scheduler after "
                                                      f"{done} of {study.run.train.epochs} epochs")
     else:
         status = "FINISHED"
-        if last.get("collapsed"):
+        if guard_stopped:
             run.tag(ended_by="collapse_guard")
     run.end(status)
     return status
