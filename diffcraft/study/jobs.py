@@ -3,10 +3,8 @@ can close its lid. The job carries the validated study file and this checkout's 
 package (so the cluster runs the same code), and the credentials in FORWARDED_ENV."""
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -37,7 +35,7 @@ def submit_command(address: str, args: list[str], study: StudyConfig | None = No
     client = job_client(address)
     with tempfile.TemporaryDirectory() as tmp:
         if study is not None:
-            (Path(tmp) / "study.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(asdict(study))), sort_keys=False))
+            (Path(tmp) / "study.yaml").write_text(yaml.safe_dump(study.plain(), sort_keys=False))
         runtime_env = {"working_dir": tmp, "py_modules": [str(PACKAGE)], "env_vars": forwarded_env(),
                        "excludes": ["__pycache__", "*.nbi", "*.nbc"]}
         submission_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -8,7 +8,6 @@ Optuna database. Nothing a trial or a later command needs lives only on the laun
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -80,7 +79,7 @@ def _differences(stored: dict, study: StudyConfig) -> dict[str, tuple]:
     """{dotted field: (as started, in this file)} where they differ."""
     from diffcraft.typed_yaml import flatten
 
-    old, new = flatten(stored), flatten(json.loads(json.dumps(asdict(study))))
+    old, new = flatten(stored), flatten(study.plain())
     return {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
 
 
@@ -98,9 +97,10 @@ def refuse_a_different_file(study: StudyConfig, state: dict | None) -> None:
             f"`diffcraft study resume {study.name} --storage {study.storage}`")
 
 
-def open_study(study: StudyConfig, address: str | None) -> dict:
-    """The study's state: MLflow experiment and parent run, created once and reused after. A
-    study file that differs from the one the study was started with is refused, naming the fields."""
+def open_study(study: StudyConfig) -> dict:
+    """The study's state: MLflow experiment and parent run, created once and reused after. Read
+    again under the lease: a study file that differs from the one another driver started the study
+    with a moment ago is refused too."""
     from mlflow.tracking import MlflowClient
 
     state = load_state(study.location)
@@ -108,7 +108,6 @@ def open_study(study: StudyConfig, address: str | None) -> dict:
         refuse_a_different_file(study, state)
         return state
     uri = default_tracking_uri(study.mlflow.tracking_uri)
-    require_server_for_cluster(study.mlflow.tracking_uri, address)
     client = MlflowClient(uri)
     exp = experiment_id(client, study.mlflow.experiment or study.name, uri)
     parent = client.create_run(exp, run_name=f"study {study.name}",
@@ -116,7 +115,7 @@ def open_study(study: StudyConfig, address: str | None) -> dict:
                                      "search": study.search.algorithm, "scheduler": study.scheduler.kind})
     client.log_dict(parent.info.run_id, asdict(study), "study.yaml")
     state = {"name": study.name, "tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent.info.run_id,
-             "study": json.loads(json.dumps(asdict(study))), "created": time.time()}
+             "study": study.plain(), "created": time.time()}
     save_state(study.location, state)
     return state
 
@@ -177,7 +176,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
     require_manifest(Location.of(study.run.data.cache))
     lease = acquire_lease(study.location, take_over)
     try:
-        state = open_study(study, address)
+        state = open_study(study)
         swept = sweep_orphan_runs(state)
         if swept:
             progress(f"marked {len(swept)} trial run(s) of a lost driver KILLED; Tune resumes their trials")
@@ -186,7 +185,8 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
         client.update_run(state["parent_run_id"], status="RUNNING")
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot the experiment often: resume loses little
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # the 2 s default adds seconds per epoch
-        env = forwarded_env(MLFLOW_TRACKING_URI=state["tracking_uri"], RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+        env = forwarded_env(MLFLOW_TRACKING_URI=state["tracking_uri"],
+                            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])
         with ray_session(address, runtime_env={"env_vars": env}) as ray:
             check = preflight(study, state["tracking_uri"], ray)
             for line in check.notes:

@@ -196,6 +196,10 @@ class StudyConfig:
     def base_run(self) -> RunConfig:
         return copy.deepcopy(self.run)
 
+    def plain(self) -> dict:
+        """The study as plain JSON data: what study.json keeps and a submitted job carries."""
+        return json.loads(json.dumps(asdict(self)))
+
     @property
     def location(self) -> Location:
         """Where everything the study persists lives: storage/name."""
