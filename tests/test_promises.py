@@ -240,8 +240,9 @@ def resumed_optuna_study(synth_cache, tmp_path_factory):
                                        "penalty": PENALTY})
     study = load_study(path)
     started = time.time()
+    log = open(tmp / "driver.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "diffcraft.cli", "study", "run", str(path)], cwd=tmp,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     optuna_db = study.location.local_path() / "optuna.db"
     deadline, states = time.time() + 300, []
     while time.time() < deadline and proc.poll() is None and not ("COMPLETE" in states and "RUNNING" in states):
@@ -251,8 +252,10 @@ def resumed_optuna_study(synth_cache, tmp_path_factory):
                 states = [row[0] for row in db.execute("SELECT state FROM trials")]
         except sqlite3.Error:  # not created yet
             pass
+    assert proc.poll() is None, f"the driver ended before the kill:\n{(tmp / 'driver.log').read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    log.close()
     before = child_runs(study)[2]
     resumed = cli("study", "resume", "s", "--storage", str(tmp / "studies"), cwd=tmp)
     print(f"optuna study, killed and resumed: {time.time() - started:.1f} s")

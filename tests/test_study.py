@@ -318,3 +318,44 @@ def test_sigterm_ends_the_study_run_killed_and_resume_finishes_it(synth_cache, t
     assert all(r.info.status == "FINISHED" for r in children)
     for run in children:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")) == [0, 1, 2]
+
+
+def _train_trial_again(study, run_id: str, storage, log):
+    """The trial's Train run (same name, same storage), as a resumed study restarts it; every
+    report that would reach Tune is appended to `log`."""
+    import json
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train import UserCallback
+
+    from diffcraft.study.schema import run_config
+    from diffcraft.study.worker import train_worker
+
+    class Reports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(log, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+
+    cfg = run_config(study.run, {})
+    TorchTrainer(train_worker, train_loop_config={"study": study, "cfg": cfg, "run_id": run_id,
+                                                  "tracking_uri": study.mlflow.tracking_uri},
+                 scaling_config=ray.train.ScalingConfig(num_workers=1),
+                 run_config=ray.train.RunConfig(name="trial", storage_path=str(storage), callbacks=[Reports()])).fit()
+    return [json.loads(line) for line in open(log)] if log.exists() else []
+
+
+@pytest.mark.slow
+def test_a_trial_restarted_after_its_last_epoch_tells_tune_its_final_result_again(ray_local, synth_cache, tmp_path):
+    """A driver killed after the trial's last commit but before Tune heard of it: the resumed
+    trial trains nothing, logs nothing twice, and reports the final result again (or Tune and
+    the searcher would end the trial on an older one)."""
+    study = load_study(write_study(tmp_path, synth_cache))
+    client = MlflowClient(study.mlflow.tracking_uri)
+    run_id = client.create_run(client.create_experiment("direct")).info.run_id
+    first = _train_trial_again(study, run_id, tmp_path / "train", tmp_path / "first.jsonl")
+    assert [r["epochs_done"] for r in first] == [1, 2]
+    again = _train_trial_again(study, run_id, tmp_path / "train", tmp_path / "again.jsonl")
+    assert len(again) == 1 and again[0]["epochs_done"] == 2
+    assert again[0]["val_loss"] == pytest.approx(first[-1]["val_loss"])
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [0, 1]

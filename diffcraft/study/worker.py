@@ -84,6 +84,13 @@ class RayTrainSession(Session):
             state = load_checkpoint(Path(folder) / STATE_FILE, str(self.device))
         if self.run is not None:
             self.run.log_missing_epochs(state["history"])
+        collapsed = self.guard.collapsed(state["history"])
+        state["stopped"] = collapsed and self.study.collapse_guard.action == "stop"
+        if state["stopped"] or state["epoch"] + 1 >= state["config"]["train"]["epochs"]:
+            # the trial ended before its driver learnt it (a driver killed in between): say it again,
+            # or Tune and the searcher would end it on the result before
+            ray.train.report(tune_report(state["history"][-1], self.study, collapsed) if self.rank == 0 else {},
+                             checkpoint=None)
         return state
 
     def commit(self, state: dict | None, metrics: dict, improved: bool) -> bool:

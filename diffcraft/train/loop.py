@@ -108,7 +108,7 @@ def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss
                                   f"it cannot be resumed ({str(err).splitlines()[0]}); use another run folder") from None
         set_rng_state(state["rng"])
         run.result.history, run.result.best, run.result.step = state["history"], state["best"], state["step"]
-        run.start_epoch = state["epoch"] + 1
+        run.start_epoch = cfg.train.epochs if state.get("stopped") else state["epoch"] + 1
         if progress:
             print(f"resuming {session.where} after epoch {state['epoch']} (step {run.result.step})")
     elif cfg.train.init_from:

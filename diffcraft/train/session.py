@@ -36,7 +36,8 @@ class Session:
         return model.to(self.device)
 
     def restore(self) -> dict | None:
-        """The state of the last committed epoch, or None for a fresh run."""
+        """The state of the last committed epoch (`stopped` set when the run must not go on), or
+        None for a fresh run."""
         return None
 
     def commit(self, state: dict | None, metrics: dict, improved: bool) -> bool:
