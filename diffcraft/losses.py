@@ -55,29 +55,39 @@ class MultiScaleSpectralLoss(nn.Module):
 
 # ---------------------------------------------------------------- encoder losses
 
-def f0_loss(logits: torch.Tensor, f0_hz: torch.Tensor, voiced: torch.Tensor) -> torch.Tensor:
+def f0_loss(logits: torch.Tensor, f0_hz: torch.Tensor, voiced: torch.Tensor,
+            per_example: bool = False) -> torch.Tensor:
     """Cross-entropy of the softmax over the 435 bins against the Gaussian-blurred target (sigma
-    25 cents) normalised to sum to 1, as the paper defines it; averaged over voiced frames only.
+    25 cents) normalised to sum to 1, as the paper defines it; averaged over voiced frames only
+    (per clip when per_example: [B], nan for a clip without voiced frames).
     logits [B, T, 435], f0_hz/voiced [B, T]. (Per-bin sigmoid cross-entropy, CREPE's loss, gave
     the few true bins almost no gradient and did not learn here.)"""
     target = blurred_targets(f0_hz)
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-8)
     per_frame = -(target * torch.log_softmax(logits, dim=-1)).sum(-1)
     mask = voiced.float()
+    if per_example:
+        return (per_frame * mask).sum(-1) / mask.sum(-1)
     return (per_frame * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def loudness_loss(pred_db: torch.Tensor, true_db: torch.Tensor) -> torch.Tensor:
-    """MSE + MAE on loudness scaled to [0, 1] (dB / 80 + 1)."""
+def loudness_loss(pred_db: torch.Tensor, true_db: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+    """MSE + MAE on loudness scaled to [0, 1] (dB / 80 + 1); per clip [B] when per_example."""
     diff = scale_loudness(pred_db) - scale_loudness(true_db)
+    if per_example:
+        return diff.square().mean(-1) + diff.abs().mean(-1)
     return diff.square().mean() + diff.abs().mean()
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) per latent dimension, in nats per frame, averaged over batch
     and frames: [..., latent] -> [latent]."""
-    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
-    return kl.reshape(-1, kl.shape[-1]).mean(0)
+    return kl_terms(mu, logvar).reshape(-1, mu.shape[-1]).mean(0)
+
+
+def kl_terms(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) of every element, in nats: the shape of mu."""
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
 
 
 def kl_with_free_bits(kl_dims: torch.Tensor, free_bits: float) -> torch.Tensor:

@@ -28,15 +28,15 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def synth_source(tmp_path_factory):
-    """A small synthetic MDB-stem-synth tree: 3 songs x 1 stem x 9 s."""
+    """A small synthetic MDB-stem-synth tree: 4 songs x 1 stem x 9 s."""
     from diffcraft.data.synthetic import write_dataset
 
-    return write_dataset(tmp_path_factory.mktemp("synth"), n_songs=3, stems_per_song=1, seconds=9.0, seed=7)
+    return write_dataset(tmp_path_factory.mktemp("synth"), n_songs=4, stems_per_song=1, seconds=9.0, seed=7)
 
 
 @pytest.fixture(scope="session")
 def synth_cache(ray_local, synth_source, tmp_path_factory):
-    """The synthetic source prepared into a feature cache (3 songs: 2 train, 1 validation)."""
+    """The synthetic source prepared into a feature cache (4 songs: 2 train, 1 validation, 1 test)."""
     from diffcraft.data.prepare import prepare
 
     cache = tmp_path_factory.mktemp("cache")

@@ -22,13 +22,13 @@ def test_keep_mask_cuts_only_silences_of_100ms_or_more():
 def test_prepare_mdb_then_second_run_does_no_work(ray_local, synth_source, tmp_path):
     cache = tmp_path / "cache"
     first = prepare(synth_source, cache, progress=False)
-    assert len(first.computed) == 3 and not first.skipped
+    assert len(first.computed) == 4 and not first.skipped
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["params"]["min_silence_ms"] == 100.0
-    assert {e["split"] for e in manifest["files"].values()} == {"train", "validation"}
+    assert {e["split"] for e in manifest["files"].values()} == {"train", "validation", "test"}
     before = {p: p.stat().st_mtime_ns for p in (cache / "files").rglob("*.npy")}
     second = prepare(synth_source, cache, progress=False)
-    assert second.computed == [] and len(second.reused) == 3
+    assert second.computed == [] and len(second.reused) == 4
     assert before == {p: p.stat().st_mtime_ns for p in (cache / "files").rglob("*.npy")}
 
     train = ClipDataset(cache, "train")
@@ -48,8 +48,8 @@ def test_prepare_recomputes_only_a_changed_file(ray_local, synth_source, tmp_pat
     audio, rate = sf.read(str(changed))
     sf.write(str(changed), audio * 0.5, rate, subtype="PCM_16")
     again = prepare(source, cache, progress=False)
-    assert again.computed == [changed.relative_to(source).as_posix()] and len(again.reused) == 2
-    assert len(list((cache / "files").iterdir())) == 3  # the old version's folder is gone
+    assert again.computed == [changed.relative_to(source).as_posix()] and len(again.reused) == 3
+    assert len(list((cache / "files").iterdir())) == 4  # the old version's folder is gone
 
 
 def test_prepare_folder_with_crepe_skips_and_lists_bad_files(ray_local, tmp_path):
@@ -94,7 +94,7 @@ def test_prepare_cleans_leftovers_of_an_interrupted_run(ray_local, synth_source,
     shutil.rmtree(victim)  # as if killed before this file's folder was renamed into place
     (cache / "files" / ".tmp-half-written").mkdir()
     again = prepare(synth_source, cache, progress=False)
-    assert len(again.computed) == 1 and len(again.reused) == 2
+    assert len(again.computed) == 1 and len(again.reused) == 3
     assert not (cache / "files" / ".tmp-half-written").exists()
 
 
@@ -118,9 +118,9 @@ def test_prepare_reads_a_source_in_an_object_store_and_writes_the_cache_there(ra
             if path.is_file():
                 client.upload_file(str(path), "data", f"src/{path.relative_to(synth_source).as_posix()}")
         first = prepare("s3://data/src", "s3://data/cache", progress=False)
-        assert len(first.computed) == 3 and not first.skipped
+        assert len(first.computed) == 4 and not first.skipped
         again = prepare("s3://data/src", "s3://data/cache", progress=False)
-        assert again.computed == [] and len(again.reused) == 3
+        assert again.computed == [] and len(again.reused) == 4
         manifest = read_manifest(Location.of("s3://data/cache"))
         prepare(synth_source, tmp_path / "local-cache", progress=False)
         local = json.loads((tmp_path / "local-cache" / "manifest.json").read_text())

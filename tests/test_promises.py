@@ -157,8 +157,8 @@ def test_study_status_and_report_commands_on_the_random_study(random_study):
     report = cli("study", "report", "s", "--storage", storage, cwd=tmp)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "# Study s" in report.stdout and "report written to" in report.stdout
-    rows = [line for line in (tmp / "studies" / "s" / "report" / "s_report.md").read_text().splitlines()
-            if line.startswith("| ") and "core=" in line]
+    configurations = (tmp / "studies" / "s" / "report" / "s_report.md").read_text().split("## ")[1]
+    rows = [line for line in configurations.splitlines() if line.startswith("| ") and "core=" in line]
     assert len(rows) == len({r.data.tags["config_group"] for r in children})
     assert sum(int(row.split("|")[2]) for row in rows) == 4  # the seeds column covers every trial
 

@@ -166,7 +166,7 @@ def test_a_finished_study_reads_as_a_study_in_mlflow(ray_local, synth_cache, tmp
     assert "val_mss_mean" in good.data.metrics and "best_val_mss_mean" in good.data.tags
     parent = client.search_runs([exp.experiment_id], "tags.role = 'study'")[0]
     note = parent.data.tags["mlflow.note.content"]
-    assert "**Best trial: `core=gru lr=0.001`**" in note and "| configuration | seeds | val_mss_mean |" in note
+    assert "**Best trial: `core=gru lr=0.001`**" in note and "| configuration | seeds | parameters | s/epoch | test_mss_mean |" in note
     lines = status_lines(study)
     failed = lines.index(next(line for line in lines if "core=gru lr=1e12" in line))
     assert "FAILED" in lines[failed] and lines[failed + 1].strip().startswith("error: FloatingPointError: epoch 0")

@@ -3,7 +3,6 @@ import pytest
 import soundfile as sf
 import yaml
 
-from diffcraft.data.prepare import split_songs
 from diffcraft.data.sources import annotation_on_frames, discover, mdb_stem_synth, read_mdb_annotation
 from diffcraft.errors import DataError
 
@@ -68,15 +67,6 @@ def test_mdb_annotation_resampled_onto_10ms_frames(mdb):
     assert np.all(frame_f0[105:395] == pytest.approx(330.0, rel=1e-4))
     assert np.all(frame_f0[:95] == 0) and np.all(voicing[:95] == 0)
     assert np.all(voicing[105:395] == 1)
-
-
-def test_split_is_by_song_and_deterministic():
-    songs = [f"song{i}" for i in range(10)]
-    first, second = split_songs(songs, 0.2), split_songs(list(reversed(songs)), 0.2)
-    assert first == second
-    assert sum(v == "validation" for v in first.values()) == 2
-    assert split_songs(["a", "b"], 0.2) == {"a": "validation", "b": "train"} or \
-        sorted(split_songs(["a", "b"], 0.2).values()) == ["train", "validation"]
 
 
 def test_missing_source_folder_is_a_clear_error(tmp_path):

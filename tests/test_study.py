@@ -1,4 +1,6 @@
 """The study engine on a real local Ray (2 CPUs) and a real MLflow SQLite store."""
+import tempfile
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -6,6 +8,7 @@ from mlflow.tracking import MlflowClient
 from diffcraft.study.report import status_lines, write_report
 from diffcraft.study.runner import run_study
 from diffcraft.study.schema import StudyConfigError, load_study
+from diffcraft.train.metrics import read_clip_table
 
 TINY_RUN = {
     "data": {"batch_size": 2, "clips_per_epoch": 4},
@@ -54,14 +57,26 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
         history = client.get_metric_history(run.info.run_id, "val_mss_mean")
         assert [m.step for m in history] == [0, 1]
         assert "train_mss" in run.data.metrics and "val_mss_sd" in run.data.metrics
-        artifacts = {a.path for folder in ("checkpoint", "figures", "audio")
+        artifacts = {a.path for folder in ("checkpoint", "figures", "audio", "evaluation")
                      for a in client.list_artifacts(run.info.run_id, folder)}
         assert {"checkpoint/best.pt", "figures/loss_curves.png", "figures/spectrogram_0.png",
-                "audio/clip0_synth.wav", "audio/clip0_truth.wav"} <= artifacts
+                "audio/clip0_synth.wav", "audio/clip0_truth.wav", "evaluation/clips_validation.csv",
+                "evaluation/clips_test.csv"} <= artifacts
+        # the test split scored at the selected checkpoint; its clips are not the validation clips
+        assert run.data.metrics["test_n_clips"] >= 1 and "test_mss_se" in run.data.metrics
+        assert run.data.metrics["n_parameters"] == run.data.metrics["n_parameters_decoder"] > 0
+        assert run.data.metrics["seconds_per_epoch"] > 0
+        with tempfile.TemporaryDirectory() as tmp:
+            val, test = (read_clip_table(open(client.download_artifacts(
+                run.info.run_id, f"evaluation/clips_{split}.csv", tmp)).read()) for split in ("validation", "test"))
+        assert not set(val["mss"]) & set(test["mss"])
+        assert {c.split("/")[0] for c in val["mss"]}.isdisjoint({c.split("/")[0] for c in test["mss"]})
+        assert sum(test["mss"].values()) / len(test["mss"]) == pytest.approx(run.data.metrics["test_mss_mean"])
     lines = status_lines(study)
     assert "2 trials (2 finished)" in lines[0] and lines[-1].startswith("best so far")
     report = write_report(study).read_text()
-    assert "model.decoder.core=gru" in report and "val_mss_mean" in report
+    assert "model.decoder.core=gru" in report and "Numbers from the test split" in report
+    assert "## Paired differences to the best configuration" in report and "val_mss_mean" in report
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} == {
         "report/s_report.md", "report/s_report.csv"}
     again = run_study(study, verbose=0)  # the same file again continues the finished study: nothing reruns

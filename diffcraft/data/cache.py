@@ -29,7 +29,6 @@ from diffcraft.storage import Location, node_scratch
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 ARRAYS = ("audio", "f0_hz", "voicing", "loudness_db")
-SPLITS = ("train", "validation")
 
 
 def sha256_of(*paths: Path | None) -> str:

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffcraft.data.cache import ARRAYS, SPLITS, local_cache, require_manifest
+from diffcraft.data.cache import ARRAYS, local_cache, require_manifest
+from diffcraft.data.splits import SPLITS
 from diffcraft.errors import DataError
 from diffcraft.storage import Location
 
@@ -22,6 +23,7 @@ class ClipDataset(Dataset):
         self.cache = local_cache(str(cache))
         manifest = require_manifest(Location.of(str(self.cache)))
         self.dirs = sorted(e["dir"] for e in manifest["files"].values() if e["split"] == split)
+        self.songs = {e["dir"]: e["song"] for e in manifest["files"].values()}
         counts = {e["dir"]: e["n_clips"] for e in manifest["files"].values()}
         self.index = [(d, i) for d in self.dirs for i in range(counts[d])]
         if not self.index:
@@ -31,6 +33,10 @@ class ClipDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def clip_names(self) -> list[str]:
+        """`song/file#index` of every clip, in order: the same clip has the same name in every run."""
+        return [f"{self.songs[name]}/{name}#{i}" for name, i in self.index]
 
     def _open(self, name: str) -> dict[str, np.ndarray]:
         if name not in self._arrays:  # opened lazily, so the dataset pickles into workers
@@ -47,3 +53,11 @@ class ClipDataset(Dataset):
         state = dict(self.__dict__)
         state["_arrays"] = {}
         return state
+
+
+def split_sizes(cache: str | Path) -> dict[str, int]:
+    """Clips per split, from the manifest alone (nothing staged)."""
+    sizes: dict[str, int] = {}
+    for entry in require_manifest(Location.of(str(cache)))["files"].values():
+        sizes[entry["split"]] = sizes.get(entry["split"], 0) + entry["n_clips"]
+    return sizes

@@ -24,11 +24,15 @@ from diffcraft import CLIP_FRAMES, CLIP_SAMPLES, HOP_LENGTH, SAMPLE_RATE
 from diffcraft.audio.crepe import CREPE_MODELS, crepe_pitch
 from diffcraft.audio.features import a_weighted_loudness
 from diffcraft.audio.io import load_audio
+from diffcraft.data.splits import SPLITS, assign_splits, split_warnings
 from diffcraft.data.sources import SourceFile, annotation_on_frames, discover, read_mdb_annotation
 from diffcraft.data.cache import (MANIFEST_VERSION, read_manifest, remove_leftovers, sha256_of, write_arrays,
                                   write_manifest)
 from diffcraft.errors import AudioError, ConfigError, DataError
 from diffcraft.storage import Location, is_remote
+
+
+SPLIT_FIELDS = ("validation_fraction", "test_fraction", "split_seed", "split_file")
 
 
 @dataclass
@@ -37,20 +41,28 @@ class PrepareConfig:
     min_silence_ms: float = 100.0  # silent runs at least this long are cut out (the paper's 100 ms)
     crepe_model: str = "full"  # CREPE capacity for files without annotations: full | tiny
     crepe_batch_size: int = 512  # CREPE frames per forward pass
-    validation_fraction: float = 0.2  # share of songs held out for validation
+    validation_fraction: float = 0.2  # share of songs that pick the best epoch
+    test_fraction: float = 0.2  # share of songs held out for the numbers a report cites
+    split_seed: int = 0  # which songs the fractions pick (the same seed, the same split)
+    split_file: str = ""  # YAML/JSON `train:/validation:/test:` song lists, instead of the fractions
 
     def validate(self, where: str = "") -> None:
         if self.crepe_model not in CREPE_MODELS:
             raise ConfigError(f"crepe_model: {self.crepe_model!r} is not one of {list(CREPE_MODELS)}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ConfigError(f"validation_fraction: {self.validation_fraction} is not in [0, 1)")
+        for name in ("validation_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}: {getattr(self, name)} is not in [0, 1)")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(f"validation_fraction + test_fraction: {self.validation_fraction} + "
+                              f"{self.test_fraction} leaves no song to train on")
         if self.min_silence_ms <= 0:
             raise ConfigError(f"min_silence_ms: {self.min_silence_ms} must be positive")
 
     def params(self) -> dict:
-        """Everything that changes the cached arrays (the split fraction does not)."""
+        """Everything that changes the cached arrays (the split does not)."""
         out = asdict(self)
-        out.pop("validation_fraction")
+        for name in SPLIT_FIELDS:
+            out.pop(name)
         out.update(sample_rate=SAMPLE_RATE, hop_length=HOP_LENGTH, clip_samples=CLIP_SAMPLES,
                    version=MANIFEST_VERSION)
         return out
@@ -64,15 +76,17 @@ class PrepareSummary:
     skipped: dict[str, str] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     n_clips: dict[str, int] = field(default_factory=dict)  # per split
+    warnings: list[str] = field(default_factory=list)  # about the splits
     seconds: float = 0.0
     elapsed: float = 0.0
 
     def lines(self) -> list[str]:
         out = [f"feature cache {self.cache}: {len(self.computed)} files computed, "
                f"{len(self.reused)} unchanged, {len(self.skipped)} skipped, {len(self.removed)} removed; "
-               f"{self.n_clips.get('train', 0)} train + {self.n_clips.get('validation', 0)} validation "
-               f"clips ({self.seconds / 60:.1f} min) in {self.elapsed:.1f} s"]
+               + " + ".join(f"{self.n_clips.get(split, 0)} {split}" for split in SPLITS)
+               + f" clips ({self.seconds / 60:.1f} min) in {self.elapsed:.1f} s"]
         out += [f"  skipped {path}: {reason}" for path, reason in sorted(self.skipped.items())]
+        out += [f"  warning: {warning}" for warning in self.warnings]
         return out
 
 
@@ -131,13 +145,6 @@ def _process_or_reason(source, cfg, audio_bytes, annotation_bytes):
         return err.problem
 
 
-def split_songs(songs: list[str], fraction: float) -> dict[str, str]:
-    """Deterministic song -> split; at least one validation song when there are two or more."""
-    ranked = sorted(set(songs), key=lambda s: hashlib.sha256(s.encode()).hexdigest())
-    n_val = 0 if fraction == 0 or len(ranked) < 2 else max(1, round(fraction * len(ranked)))
-    return {song: ("validation" if i < n_val else "train") for i, song in enumerate(ranked)}
-
-
 def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = None,
             address: str | None = None, num_cpus: int | None = None, stems=None, instruments=None,
             metadata_dir=None, progress: bool = True) -> PrepareSummary:
@@ -151,6 +158,8 @@ def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = N
     if not is_remote(source):
         source = str(Path(source).resolve())
     files = discover(source, stems, instruments, metadata_dir)
+    if cfg.split_file:  # refused before anything is computed
+        assign_splits(sorted({f.song for f in files}), 0, 0, split_file=cfg.split_file)
     remove_leftovers(cache)
     params = cfg.params()
     manifest = read_manifest(cache) or {}
@@ -166,13 +175,17 @@ def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = N
             skipped.pop(rel)
 
     def save_manifest():
-        songs = {e["song"] for e in entries.values()}
-        splits = split_songs(sorted(songs), cfg.validation_fraction)
+        songs = sorted({e["song"] for e in entries.values()})
+        splits = assign_splits(songs, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed, cfg.split_file)
+        clips_per_song: dict[str, int] = {}
         for entry in entries.values():
             entry["split"] = splits[entry["song"]]
+            clips_per_song[entry["song"]] = clips_per_song.get(entry["song"], 0) + entry["n_clips"]
         write_manifest(cache, {
             "version": MANIFEST_VERSION, "source": str(source), "params": params,
-            "validation_fraction": cfg.validation_fraction, "files": entries, "skipped": skipped})
+            "splits": {**{name: getattr(cfg, name) for name in SPLIT_FIELDS},
+                       **{split: sorted(s for s in songs if splits[s] == split) for split in SPLITS}},
+            "split_warnings": split_warnings(splits, clips_per_song), "files": entries, "skipped": skipped})
 
     todo = []
     for rel, src in current.items():
@@ -236,6 +249,7 @@ def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = N
     final = read_manifest(cache)
     for entry in final["files"].values():
         summary.n_clips[entry["split"]] = summary.n_clips.get(entry["split"], 0) + entry["n_clips"]
+    summary.warnings = final.get("split_warnings", [])
     summary.seconds = sum(summary.n_clips.values()) * CLIP_SAMPLES / SAMPLE_RATE
     summary.elapsed = time.time() - started
     if not final["files"]:

@@ -24,6 +24,7 @@ class TrialRecord:
     seed: str
     epochs: int
     best: dict  # metric -> value at the best epoch by the objective
+    final: dict  # scored at the selected checkpoint: test_* metrics, n_parameters, seconds_per_epoch
     collapsed: bool
     name: str = ""  # the MLflow run's name: what varies (core=bimamba seed=1)
     error: str = ""  # a failed trial's error
@@ -53,7 +54,9 @@ def trial_records(study: StudyConfig) -> list[TrialRecord]:
         params = {k: v for k, v in run.data.params.items() if k.removeprefix("run.") in searched or k in searched}
         records.append(TrialRecord(run.info.run_id, run.data.tags.get("trial_name", run.info.run_name), run.info.status,
                                    params, run.data.tags.get("config_group", ""), run.data.tags.get("seed", ""),
-                                   len(history), best, run.data.tags.get("collapsed") == "true", run.info.run_name,
+                                   len(history), best, {k: v for k, v in run.data.metrics.items()
+                                                        if k.startswith("test_") or k.startswith(COST)},
+                                   run.data.tags.get("collapsed") == "true", run.info.run_name,
                                    run.data.tags.get("error", ""), run.info.artifact_uri))
     return sorted(records, key=lambda r: r.trial)
 
@@ -118,62 +121,157 @@ def _full_error(record: TrialRecord, study: StudyConfig, tracking_uri: str) -> s
     return "no traceback was logged (the trial's process died); see the Ray logs of its node"
 
 
-def _pooled(records: list[TrialRecord], metric: str) -> tuple[float, float, float, int]:
-    """Mean, standard error and SD over validation clips and seeds. For MSS the per-trial clip
-    statistics are pooled exactly (from each trial's mean, SD and clip count); other metrics are
-    taken over seeds."""
-    if metric == "val_mss_mean":
-        parts = [(r.best["val_mss_mean"], r.best.get("val_mss_sd", 0.0), int(r.best.get("val_n_clips", 1)))
-                 for r in records if "val_mss_mean" in r.best]
-    else:
-        parts = [(r.best[metric], 0.0, 1) for r in records if metric in r.best]
-    n = sum(p[2] for p in parts)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = sum(m * k for m, _, k in parts) / n
-    if n < 2:
-        return mean, 0.0, 0.0, n
-    var = (sum((k - 1) * s ** 2 for _, s, k in parts) + sum(k * (m - mean) ** 2 for m, _, k in parts)) / (n - 1)
-    sd = math.sqrt(max(var, 0.0))
-    return mean, sd / math.sqrt(n), sd, n
+HEADLINE = ("mss_mean", "f0_loss", "rpa", "rca", "loudness_loss", "loudness_mae_db", "kl")  # per-clip metrics
+COST = ("n_parameters", "seconds_per_epoch")
 
 
-REPORT_METRICS = ("val_mss_mean", "val_rpa", "val_rca", "val_loudness_mae_db", "val_f0_loss", "val_kl",
-                  "val_active_units")
+def _score_name(metric: str) -> str:
+    """The per-clip score a summary metric is the mean of (mss_mean -> mss)."""
+    from diffcraft.train.evaluate import MEAN_NAMES
+
+    return {mean: score for score, mean in MEAN_NAMES.items()}.get(metric, metric)
 
 
-def report_rows(study: StudyConfig, records: list[TrialRecord]) -> tuple[list[dict], list[str]]:
-    """(one row per configuration, best first; the metrics its columns show)."""
+def clip_table(client: MlflowClient, record: TrialRecord, split: str) -> dict[str, dict[str, float]]:
+    """{score: {clip: value}} of a trial at its selected checkpoint (empty when not logged)."""
+    import tempfile
+
+    from diffcraft.train.metrics import read_clip_table
+
+    name = f"clips_{split}.csv"
+    if not any(a.path == f"evaluation/{name}" for a in client.list_artifacts(record.run_id, "evaluation")):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        return read_clip_table(Path(client.download_artifacts(record.run_id, f"evaluation/{name}", tmp)).read_text())
+
+
+@dataclass
+class Comparison:
+    """A study's results, configuration by configuration, on the split a report cites."""
+    split: str  # "test", or "validation" when a trial has no test scores
+    groups: dict[str, list[TrialRecord]]  # configuration name -> its trials (one per seed)
+    metrics: list[str]  # the headline metrics present (HEADLINE names)
+    tables: dict[str, dict[str, dict[str, float]]]  # run id -> {score: {clip: value}} on `split`
+
+    @property
+    def prefix(self) -> str:
+        return "test_" if self.split == "test" else "val_"
+
+    def seed_means(self, group: str, metric: str, prefix: str | None = None) -> list[float]:
+        prefix = prefix or self.prefix
+        source = (lambda r: r.final) if prefix == "test_" else (lambda r: r.best)
+        return [source(r)[prefix + metric] for r in self.groups[group] if prefix + metric in source(r)]
+
+    def clip_means(self, group: str, metric: str) -> dict[str, float]:
+        """Each clip's score averaged over the configuration's seeds."""
+        per_clip: dict[str, list[float]] = {}
+        for r in self.groups[group]:
+            for clip, value in self.tables.get(r.run_id, {}).get(_score_name(metric), {}).items():
+                if math.isfinite(value):
+                    per_clip.setdefault(clip, []).append(value)
+        return {clip: sum(v) / len(v) for clip, v in per_clip.items()}
+
+    def pooled(self, group: str, metric: str) -> tuple[float, float, float, int]:
+        """Mean ± SE (SD) over every (seed, clip) score, as if they were independent clips."""
+        from diffcraft.train.metrics import mean_se_sd
+
+        values = [v for r in self.groups[group] for v in self.tables.get(r.run_id, {}).get(_score_name(metric), {}).values()
+                  if math.isfinite(v)]
+        return (*mean_se_sd(values), len(values))
+
+
+def compare(study: StudyConfig, records: list[TrialRecord]) -> Comparison:
+    client = MlflowClient(started_state(study)["tracking_uri"])
+    split = "test" if records and all(any(k.startswith("test_") for k in r.final) for r in records) else "validation"
     groups: dict[str, list[TrialRecord]] = {}
     for r in records:
-        groups.setdefault(r.group, []).append(r)
-    metrics = [m for m in REPORT_METRICS if any(m in r.best for r in records)]
-    rows = []
-    for group, members in groups.items():
-        params = {k: v for k, v in members[0].params.items() if k != "train.seed"}
-        row = {"configuration": ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "base",
-               "seeds": len(members)}
-        for m in metrics:
-            mean, se, sd, n = _pooled(members, m)
-            row.update({f"{m}": mean, f"{m}_se": se, f"{m}_sd": sd, f"{m}_n": n})
+        params = {k: v for k, v in r.params.items() if k != "train.seed"}
+        groups.setdefault(", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "base", []).append(r)
+    prefix = "test_" if split == "test" else "val_"
+    metrics = [m for m in HEADLINE if any(prefix + m in (r.final if split == "test" else r.best) for r in records)]
+    tables = {r.run_id: clip_table(client, r, split) for r in records}
+    return Comparison(split, groups, metrics, tables)
+
+
+def report_rows(study: StudyConfig, comparison: Comparison) -> list[dict]:
+    """One row per configuration, best first by the objective: cost, the headline metrics over
+    seeds (mean of seed means ± SE over seeds) and pooled over clips, validation beside, and the
+    paired difference to the best configuration on the same clips."""
+    from diffcraft.train.metrics import mean_of_means, paired_difference
+
+    c, rows = comparison, []
+    for group, members in c.groups.items():
+        row: dict = {"configuration": group, "seeds": len(members)}
+        for key in COST:
+            values = [r.final[key] for r in members if key in r.final]
+            row[key] = sum(values) / len(values) if values else math.nan
+        for m in c.metrics:
+            row[m], row[f"{m}_se_seeds"], _ = mean_of_means(c.seed_means(group, m))
+            row[f"{m}_pooled"], row[f"{m}_pooled_se"], row[f"{m}_pooled_sd"], row[f"{m}_pooled_n"] = c.pooled(group, m)
+            row[f"val_{m}"], row[f"val_{m}_se_seeds"], _ = mean_of_means(c.seed_means(group, m, "val_"))
+        objective = [r.best[study.objective.metric] for r in members if study.objective.metric in r.best]
+        row["objective"] = sum(objective) / len(objective) if objective else math.nan
         rows.append(row)
-    key = study.objective.metric if study.objective.metric in metrics else (metrics[0] if metrics else None)
-    if key:
-        rows.sort(key=lambda row: row[key], reverse=study.objective.mode == "max")
-    return rows, metrics
+    rows.sort(key=lambda row: (math.isnan(row["objective"]),
+                               -row["objective"] if study.objective.mode == "max" else row["objective"]))
+    if rows:
+        best = rows[0]["configuration"]
+        for row in rows:
+            for m in c.metrics:
+                diff, se, n = paired_difference(c.clip_means(row["configuration"], m), c.clip_means(best, m))
+                row.update({f"{m}_diff": diff, f"{m}_diff_se": se, f"{m}_diff_n": n})
+    return rows
+
+
+def _cell(mean: float, se: float, sd: float | None = None) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean:.4f}" + (f" ± {se:.4f}" if not math.isnan(se) else "")
+    return text + (f" ({sd:.4f})" if sd is not None and not math.isnan(sd) else "")
 
 
 def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool = True) -> str:
-    """The report table in markdown (records: the trials with results)."""
-    rows, metrics = report_rows(study, records)
+    """The report in markdown (records: the trials with results); see `report_rows`."""
+    c = compare(study, records)
+    rows = report_rows(study, c)
+    split_note = ("the test split, at the epoch each trial chose on the validation split" if c.split == "test" else
+                  "the validation split, which also chose each trial's best epoch: optimistic (the cache has no "
+                  "test split; prepare it with --test-fraction or --split-file)")
+    head = lambda cols: ["| configuration | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]  # noqa: E731
     md = ([f"# Study {study.name}", ""] if title else []) + [
         f"Objective: {study.objective.metric} ({study.objective.mode}); {len(records)} trials with results. "
-        "Values: mean ± standard error (standard deviation) over validation clips and seeds.", "",
-        "| configuration | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        f"Numbers from {split_note}.", "", "## Configurations", "",
+        "Mean over seeds of each trial's mean over clips ± standard error over seeds (none with one seed); "
+        "parameters and training seconds per epoch.", ""]
+    md += head(["seeds", "parameters", "s/epoch", *(c.prefix + m for m in c.metrics)])
     for row in rows:
-        cells = [f"{row[m]:.4f} ± {row[m + '_se']:.4f} ({row[m + '_sd']:.4f})" if not math.isnan(row[m]) else "-"
-                 for m in metrics]
-        md.append(f"| {row['configuration']} | {row['seeds']} | " + " | ".join(cells) + " |")
+        cost = [f"{row['n_parameters']:,.0f}" if not math.isnan(row["n_parameters"]) else "-",
+                f"{row['seconds_per_epoch']:.1f}" if not math.isnan(row["seconds_per_epoch"]) else "-"]
+        md.append(f"| {row['configuration']} | {row['seeds']} | " + " | ".join(
+            cost + [_cell(row[m], row[f"{m}_se_seeds"]) for m in c.metrics]) + " |")
+    md += ["", "## Pooled over clips and seeds", "",
+           "Mean ± standard error (standard deviation) over every (seed, clip) score, n scores: the paper's form, "
+           "which treats seeds x clips as independent clips.", ""]
+    md += head([c.prefix + m for m in c.metrics])
+    for row in rows:
+        md.append(f"| {row['configuration']} | " + " | ".join(
+            _cell(row[f"{m}_pooled"], row[f"{m}_pooled_se"], row[f"{m}_pooled_sd"]) + f", n {row[f'{m}_pooled_n']}"
+            for m in c.metrics) + " |")
+    if c.split == "test":
+        md += ["", "## Validation (the split that chose each trial's epoch)", ""]
+        md += head([f"val_{m}" for m in c.metrics])
+        for row in rows:
+            md.append(f"| {row['configuration']} | " + " | ".join(
+                _cell(row[f"val_{m}"], row[f"val_{m}_se_seeds"]) for m in c.metrics) + " |")
+    if len(rows) > 1:
+        md += ["", f"## Paired differences to the best configuration ({rows[0]['configuration']})", "",
+               f"Per {c.split} clip, each configuration's score averaged over its seeds, minus the best's on the same "
+               "clip: mean paired difference ± its standard error (n clips).", ""]
+        md += head([c.prefix + m for m in c.metrics])
+        for row in rows[1:]:
+            md.append(f"| {row['configuration']} | " + " | ".join(
+                (f"{row[f'{m}_diff']:+.4f} ± {row[f'{m}_diff_se']:.4f} (n {row[f'{m}_diff_n']})"
+                 if row[f"{m}_diff_n"] else "-") for m in c.metrics) + " |")
     return "\n".join(md) + "\n"
 
 
@@ -198,7 +296,7 @@ def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
     records = [r for r in trial_records(study) if r.best]
     out_dir = Path(out_dir) if out_dir else _report_dir(study)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, _ = report_rows(study, records)
+    rows = report_rows(study, compare(study, records))
     csv_path = out_dir / f"{study.name}_report.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["configuration"])

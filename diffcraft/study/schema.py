@@ -53,6 +53,7 @@ class SearchConfig:
     space: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted run-config field -> one distribution
     samples: int = 1  # optuna/random: trials drawn; grid: repeats of the grid
     seeds: int = 1  # seeds per configuration (a grid over train.seed)
+    match_parameters: bool = False  # each trial's model.decoder.width set so it has the run: model's parameters
 
     JSON_SCHEMA: ClassVar[dict] = {"space": {  # what an editor offers under search.space
         "type": "object", "description": "dotted run-config field -> one distribution",
@@ -138,6 +139,9 @@ class StudyConfig:
                     run_config(base, {key: value})
                 except ConfigError as err:
                     raise StudyConfigError(f"search.space.{key}: {value!r} does not fit the run config ({err})") from None
+        if s.match_parameters and ("model.decoder.width" in s.space or base.model.stage == "encoder"):
+            raise StudyConfigError("search.match_parameters: sets model.decoder.width, so the width cannot be searched "
+                                   "and the model needs a decoder (model.stage decoder or joint)")
         if key_seed(s.space) and s.seeds > 1:
             raise StudyConfigError("search.seeds: train.seed is already in the search space")
         if s.seeds > 1 and s.algorithm == "optuna":
@@ -227,7 +231,7 @@ def variants(study: StudyConfig) -> list[tuple[dict, RunConfig]]:
     for combo in itertools.islice(itertools.product(*options), MAX_VARIANTS):
         params = dict(zip(keys, combo))
         try:
-            out.append((params, run_config(study.run, params)))
+            out.append((params, trial_config(study, params)))
         except ConfigError as err:
             raise StudyConfigError(f"search.space: the combination {params} does not fit the run config "
                                    f"({err})") from None
@@ -275,6 +279,17 @@ def run_config(base: RunConfig, params: dict) -> RunConfig:
     for key, value in params.items():
         set_dotted(data, key, value)
     return from_dict(RunConfig, data)
+
+
+def trial_config(study: StudyConfig, params: dict) -> RunConfig:
+    """A trial's run config: the study's run with the trial's values, and with `search.
+    match_parameters` the decoder width that gives it as many parameters as the run: model."""
+    from diffcraft.models.sizing import matched_width, model_parameters
+
+    cfg = run_config(study.run, params)
+    if study.search.match_parameters:
+        cfg.model.decoder.width = matched_width(cfg.model, model_parameters(study.run.model))
+    return cfg
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:

@@ -138,8 +138,11 @@ class TrialRun:
         return cls(client, run_id)
 
     def log_epoch(self, metrics: dict) -> None:
+        self.log_metrics(metrics, int(metrics.get("epoch", 0)))
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """The scalar metrics at `step`, in batches MLflow accepts."""
         now = int(time.time() * 1000)
-        step = int(metrics.get("epoch", 0))
         items = [Metric(k, v, now, step) for k, v in scalar_metrics(metrics).items()]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i: i + 500])

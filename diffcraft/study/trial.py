@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diffcraft.storage import Location, filesystem
-from diffcraft.study.schema import StudyConfig, config_hash, run_config, trial_label
+from diffcraft.study.schema import StudyConfig, config_hash, trial_config, trial_label
 from diffcraft.study.tracking import TrialRun, code_version
 from diffcraft.study.worker import METRICS_FILE, STATE_FILE, train_worker
 from diffcraft.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -42,7 +42,7 @@ def trial_main(params: dict, study: StudyConfig, state: dict) -> None:
 
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
-    cfg = run_config(study.run, params)
+    cfg = trial_config(study, params)
     cfg.name = trial_id
     tags = {"study": study.name, "trial_name": trial_name, "seed": cfg.train.seed,
             "config_hash": config_hash(params), "config_group": config_hash(params, without_seed=True),
@@ -126,6 +126,8 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
             k for k in ("train_loss", "val_loss", "val_mss_mean", "val_rpa", "val_loudness_mae_db", "val_kl",
                         "val_active_units") if k in history[-1]]), "figures")
         model, cfg = model_from_checkpoint(best)
+        run.log_metrics(describe_cost(model, history), int(metrics["epochs_done"]) - 1)
+        log_clip_scores(run, model, cfg, tmp, int(metrics["epochs_done"]) - 1)
         if model.decoder is not None:
             clips = ClipDataset(cfg.data.cache, "validation")
             with torch.no_grad(), seeded(0):
@@ -141,6 +143,36 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
     run.tag(best_epoch=int(metrics["epochs_done"]) - 1,
             **{f"best_{study.objective.metric}": metrics.get(study.objective.metric, math.nan)})
     return metrics
+
+
+def describe_cost(model: torch.nn.Module, history: list[dict]) -> dict:
+    """What a configuration costs: its parameters (in all and per top-level module) and the
+    mean training seconds per epoch, so an ablation's report can say what it compared."""
+    out = {"n_parameters": sum(p.numel() for p in model.parameters())}
+    for name, module in model.named_children():
+        out[f"n_parameters_{name}"] = sum(p.numel() for p in module.parameters())
+    seconds = [m["epoch_seconds"] for m in history if "epoch_seconds" in m]
+    if seconds:
+        out["seconds_per_epoch"] = sum(seconds) / len(seconds)
+    return out
+
+
+def log_clip_scores(run: TrialRun, model, cfg, tmp: Path, step: int) -> None:
+    """Score every validation and test clip at the selected checkpoint: one CSV per split
+    (`evaluation/clips_<split>.csv`, for paired comparisons between runs) and the test split's
+    summaries as `test_*` metrics, the numbers a report cites."""
+    from diffcraft.data.dataset import split_sizes
+    from diffcraft.train.evaluate import score_split, summarize
+    from diffcraft.train.metrics import write_clip_table
+
+    sizes = split_sizes(cfg.data.cache)
+    for split in ("validation", "test"):
+        if not sizes.get(split):
+            continue
+        names, scores = score_split(model, cfg.data.cache, split, cfg.data.batch_size)
+        run.log_artifact(write_clip_table(tmp / f"clips_{split}.csv", names, scores), "evaluation")
+        if split == "test":
+            run.log_metrics(summarize(scores, "test_"), step)
 
 
 def end_trial_run(study: StudyConfig, state: dict, trial, failed: bool = False) -> str:

@@ -1,15 +1,24 @@
-"""Per-epoch evaluation on validation clips: the paper's statistics plus collapse diagnostics."""
+"""Evaluation: every metric scored per clip, so each can be reported as the paper does (mean ±
+standard error, standard deviation over clips) and two configurations can be compared clip by
+clip; plus the latent diagnostics of posterior collapse, which describe the whole set.
+
+`evaluate` is the per-epoch validation; `score_split` scores a whole split of the cache at a
+chosen checkpoint (the test numbers a report cites), keeping each clip's name.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
 
+from diffcraft.losses import kl_terms
 from diffcraft.pitch import raw_chroma_accuracy, raw_pitch_accuracy
 from diffcraft.train.metrics import active_units, mean_se_sd
 from diffcraft.train.objective import VOICED, latent_kl_dims, loss_terms
 
 MAX_LATENT_FRAMES = 200_000  # posterior means kept for active units (a random subset beyond)
+CLIP_METRICS = ("mss", "f0_loss", "loudness_loss", "rpa", "rca", "loudness_mae_db", "kl", "shuffle_gap")
+MEAN_NAMES = {"mss": "mss_mean"}  # where a mean's metric name is not the score's own
 
 
 @contextmanager
@@ -23,26 +32,34 @@ def seeded(seed: int = 0):
         yield
 
 
-def _shuffle_gap(model, out: dict, terms: dict, batch: dict, mss_fn) -> float | None:
-    """Supervised F0 + loudness loss with z rolled across the batch, minus the loss with its own z
-    (`terms`, already measured on this batch): about 0 when the decoders ignore z, whatever the
-    KL says."""
+def _shuffle_gap(model, out: dict, terms: dict, batch: dict, mss_fn) -> torch.Tensor | None:
+    """Per clip: supervised F0 + loudness loss with z rolled across the batch, minus the loss with
+    its own z (`terms`, already measured): about 0 when the decoders ignore z, whatever the KL says."""
     if batch["audio"].shape[0] < 2:
         return None
     encoder = model.encoder
     shuffled = {name: {**head, "z": head["z"].roll(1, dims=0)} for name, head in out["latents"].items()}
-    other = loss_terms(encoder.decode(*encoder.split(shuffled)) | {"latents": {}}, batch, mss_fn)
-    return float(other["f0_loss"] + other["loudness_loss"] - terms["f0_loss"] - terms["loudness_loss"])
+    other = loss_terms(encoder.decode(*encoder.split(shuffled)) | {"latents": {}}, batch, mss_fn, per_example=True)
+    return other["f0_loss"] + other["loudness_loss"] - terms["f0_loss"] - terms["loudness_loss"]
 
 
-def evaluate(model, loader, mss_fn, device, autocast) -> dict:
-    """Validation metrics: MSS per clip (mean, standard error, standard deviation), F0 raw pitch
-    and chroma accuracy, loudness MAE in dB, and for the encoder the latent diagnostics: KL per
-    dimension, active units, mean posterior sigma, the z-shuffle gap. Noise is seeded, so the
-    same weights always score the same."""
+def _pitch_accuracies(pred: torch.Tensor, true: torch.Tensor, voiced: torch.Tensor) -> tuple[list, list]:
+    """Raw pitch and raw chroma accuracy of each clip (nan for a clip without voiced frames)."""
+    rpa = [raw_pitch_accuracy(p, t, v) for p, t, v in zip(pred, true, voiced)]
+    rca = [raw_chroma_accuracy(p, t, v) for p, t, v in zip(pred, true, voiced)]
+    return rpa, rca
+
+
+def clip_scores(model, loader, mss_fn, device, autocast) -> tuple[dict[str, torch.Tensor], dict]:
+    """({score: [n_clips] in loader order}, the latent diagnostics of the whole set). Noise is
+    seeded, so the same weights always score the same."""
     model.eval()
-    mss, f0_pred, f0_true, voiced, loud_err = [], [], [], [], []
-    f0_losses, loud_losses, kls, mus, sigmas, gaps = [], [], [], [], [], []
+    scores: dict[str, list] = {}
+    mus, kls, sigmas = [], [], []
+
+    def add(name, values):
+        scores.setdefault(name, []).extend(torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist())
+
     with torch.no_grad(), seeded(0):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -50,46 +67,73 @@ def evaluate(model, loader, mss_fn, device, autocast) -> dict:
                 out = model(batch["audio"], batch["f0_hz"], batch["loudness_db"])
             terms = loss_terms(out, batch, mss_fn, per_example=True)
             if "mss" in terms:
-                mss.append(terms["mss"].cpu())
-            if "f0_logits" in out:
-                f0_losses.append(float(terms["f0_loss"]))
-                loud_losses.append(float(terms["loudness_loss"]))
-                f0_pred.append(out["f0_hz"].cpu())
-                f0_true.append(batch["f0_hz"].cpu())
-                voiced.append((batch["voicing"] >= VOICED).cpu())
-                loud_err.append((out["loudness_db"] - batch["loudness_db"]).abs().mean(-1).cpu())
-                heads = list(out["latents"].values())
-                mu = torch.cat([h["mu"].float() for h in heads], -1)
-                mus.append(mu.reshape(-1, mu.shape[-1]).cpu())
-                kl = latent_kl_dims(out["latents"])
-                if kl is not None:
-                    kls.append(kl.cpu())
-                    sigmas.append(torch.cat([torch.exp(0.5 * h["logvar"]).mean().reshape(1) for h in heads]).mean())
-                gap = _shuffle_gap(model, out, terms, batch, mss_fn)
-                if gap is not None:
-                    gaps.append(gap)
+                add("mss", terms["mss"].float().cpu())
+            if "f0_logits" not in out:
+                continue
+            voiced = (batch["voicing"] >= VOICED).cpu()
+            add("f0_loss", terms["f0_loss"].float().cpu())
+            add("loudness_loss", terms["loudness_loss"].float().cpu())
+            rpa, rca = _pitch_accuracies(out["f0_hz"].float().cpu(), batch["f0_hz"].cpu(), voiced)
+            add("rpa", rpa)
+            add("rca", rca)
+            add("loudness_mae_db", (out["loudness_db"] - batch["loudness_db"]).abs().float().mean(-1).cpu())
+            heads = list(out["latents"].values())
+            mu = torch.cat([h["mu"].float() for h in heads], -1)
+            mus.append(mu.reshape(-1, mu.shape[-1]).cpu())
+            if all("logvar" in h for h in heads):
+                add("kl", sum(kl_terms(h["mu"].float(), h["logvar"].float()).mean(1).sum(-1) for h in heads).cpu())
+                kls.append(latent_kl_dims(out["latents"]).cpu())
+                sigmas.append(torch.cat([torch.exp(0.5 * h["logvar"]).mean().reshape(1) for h in heads]).mean())
+            gap = _shuffle_gap(model, out, terms, batch, mss_fn)
+            if gap is not None:
+                add("shuffle_gap", gap.float().cpu())
     model.train()
-    metrics: dict = {}
-    if mss:
-        mean, se, sd = mean_se_sd(torch.cat(mss))
-        metrics.update(val_mss_mean=mean, val_mss_se=se, val_mss_sd=sd, val_n_clips=int(torch.cat(mss).numel()))
-    if f0_pred:
-        pred, true, mask = torch.cat(f0_pred), torch.cat(f0_true), torch.cat(voiced)
-        mae_mean, mae_se, mae_sd = mean_se_sd(torch.cat(loud_err))
-        metrics.update(val_f0_loss=sum(f0_losses) / len(f0_losses),
-                       val_loudness_loss=sum(loud_losses) / len(loud_losses),
-                       val_rpa=raw_pitch_accuracy(pred, true, mask), val_rca=raw_chroma_accuracy(pred, true, mask),
-                       val_loudness_mae_db=mae_mean, val_loudness_mae_db_se=mae_se)
+    latent: dict = {}
+    if mus:
         all_mu = torch.cat(mus)
         if all_mu.shape[0] > MAX_LATENT_FRAMES:
             all_mu = all_mu[torch.randperm(all_mu.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_LATENT_FRAMES]]
         count, variance = active_units(all_mu)
-        metrics.update(val_active_units=count, val_latent_dims=int(all_mu.shape[-1]),
-                       val_latent_variance=variance.tolist())
-        if gaps:
-            metrics["val_shuffle_gap"] = sum(gaps) / len(gaps)
+        latent.update(active_units=count, latent_dims=int(all_mu.shape[-1]), latent_variance=variance.tolist())
         if kls:
-            kl = torch.stack(kls).mean(0)
-            metrics.update(val_kl=float(kl.sum()), val_kl_per_dim=kl.tolist(),
-                           val_mean_sigma=float(torch.stack(sigmas).mean()))
+            latent.update(kl_per_dim=torch.stack(kls).mean(0).tolist(), mean_sigma=float(torch.stack(sigmas).mean()))
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in scores.items()}, latent
+
+
+def summarize(scores: dict[str, torch.Tensor], prefix: str) -> dict:
+    """`{prefix}{score}` (mean over the clips that have it), `..._se` and `..._sd` of every
+    per-clip score, and `{prefix}n_clips`. The shuffle gap is reported as its mean alone."""
+    out: dict = {}
+    for name, values in scores.items():
+        values = values[~torch.isnan(values)]
+        mean, se, sd = mean_se_sd(values)
+        out[prefix + MEAN_NAMES.get(name, name)] = mean
+        if name != "shuffle_gap":
+            out[f"{prefix}{name}_se"], out[f"{prefix}{name}_sd"] = se, sd
+    if scores:
+        out[prefix + "n_clips"] = max(len(v) for v in scores.values())
+    return out
+
+
+def evaluate(model, loader, mss_fn, device, autocast) -> dict:
+    """The epoch's validation metrics (`val_`): per-clip summaries and latent diagnostics."""
+    scores, latent = clip_scores(model, loader, mss_fn, device, autocast)
+    metrics = summarize(scores, "val_")
+    metrics.update({f"val_{k}": v for k, v in latent.items()})
     return metrics
+
+
+def score_split(model, cache: str, split: str, batch_size: int = 8, device: str = "cpu") -> tuple[list[str], dict]:
+    """Every clip of one split of the cache at this model's weights, in fp32: (clip names,
+    {score: [n_clips]}). Names are `song/file#index`, the same for every model scored on the cache."""
+    from contextlib import nullcontext
+
+    from torch.utils.data import DataLoader
+
+    from diffcraft.data.dataset import ClipDataset
+    from diffcraft.losses import MultiScaleSpectralLoss
+
+    clips = ClipDataset(cache, split)
+    scores, _ = clip_scores(model.to(device), DataLoader(clips, batch_size=batch_size), MultiScaleSpectralLoss(),
+                            torch.device(device), nullcontext)
+    return clips.clip_names(), scores

@@ -22,12 +22,13 @@ def latent_kl_dims(latents: dict) -> torch.Tensor | None:
 
 
 def loss_terms(out: dict, batch: dict, mss_fn, per_example: bool = False) -> dict[str, torch.Tensor]:
-    """Unweighted loss terms present in the model's outputs (MSS per clip when per_example)."""
+    """Unweighted loss terms present in the model's outputs (the reconstruction terms per clip,
+    [B], when per_example)."""
     terms = {}
     if "f0_logits" in out:
         voiced = batch["voicing"] >= VOICED
-        terms["f0_loss"] = f0_loss(out["f0_logits"], batch["f0_hz"], voiced)
-        terms["loudness_loss"] = loudness_loss(out["loudness_db"], batch["loudness_db"])
+        terms["f0_loss"] = f0_loss(out["f0_logits"], batch["f0_hz"], voiced, per_example)
+        terms["loudness_loss"] = loudness_loss(out["loudness_db"], batch["loudness_db"], per_example)
         kl_dims = latent_kl_dims(out["latents"])
         if kl_dims is not None:
             terms["kl_per_dim"] = kl_dims

@@ -26,18 +26,25 @@ def is_vae(cfg: RunConfig) -> bool:
 def epoch_metric_names(cfg: RunConfig) -> set[str]:
     """The keys of one epoch's metrics (`train.loop.epoch_metrics`) for `cfg`, given two
     validation clips or more (the z-shuffle gap compares clips within a batch)."""
-    names = {"epoch", "step", "lr", "epoch_seconds", "audio_seconds_per_second", "train_loss", "val_loss"}
+    names = {"epoch", "step", "lr", "epoch_seconds", "audio_seconds_per_second", "train_loss", "val_loss",
+             "val_n_clips"}
     if has_decoder(cfg):
-        names |= {"train_mss", "val_mss_mean", "val_mss_se", "val_mss_sd", "val_n_clips"}
+        names |= {"train_mss"} | clip_metric_names(["mss"], "val_")
     if has_encoder(cfg):
-        names |= {"train_f0_loss", "train_loudness_loss", "val_f0_loss", "val_loudness_loss", "val_rpa", "val_rca",
-                  "val_loudness_mae_db", "val_loudness_mae_db_se", "val_active_units", "val_latent_dims",
-                  "val_latent_variance"}
+        names |= {"train_f0_loss", "train_loudness_loss", "val_active_units", "val_latent_dims", "val_latent_variance"}
+        names |= clip_metric_names(["f0_loss", "loudness_loss", "rpa", "rca", "loudness_mae_db"], "val_")
         if cfg.data.batch_size >= 2 and cfg.data.validation_clips != 1:
             names.add("val_shuffle_gap")
     if is_vae(cfg):
-        names |= {"beta", "train_kl", "val_kl", "val_kl_per_dim", "val_mean_sigma"}
+        names |= {"beta", "train_kl", "val_kl_per_dim", "val_mean_sigma"} | clip_metric_names(["kl"], "val_")
     return names
+
+
+def clip_metric_names(scores: list[str], prefix: str) -> set[str]:
+    """What `train.evaluate.summarize` reports for per-clip scores: mean, standard error, SD."""
+    from diffcraft.train.evaluate import MEAN_NAMES
+
+    return {prefix + MEAN_NAMES.get(s, s) for s in scores} | {f"{prefix}{s}_{k}" for s in scores for k in ("se", "sd")}
 
 
 def scalar_metric_names(cfg: RunConfig) -> set[str]:
