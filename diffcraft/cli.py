@@ -20,7 +20,8 @@ def _prepare_config(args):
     from diffcraft.data.prepare import PrepareConfig
 
     return PrepareConfig(crepe_model=args.crepe_model, silence_db=args.silence_db,
-                         validation_fraction=args.validation_fraction)
+                         validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+                         split_seed=args.split_seed, split_file=args.split_file)
 
 
 def _cmd_prepare(args) -> None:
@@ -199,6 +200,61 @@ def _cmd_transfer(args) -> None:
         raise SystemExit(1)
 
 
+RUN_ID = r"[0-9a-f]{32}"  # an MLflow run id, as `figures` tells one from a path or a model URI
+
+
+def _figures_checkpoint(source: str, tracking_uri: str, tmp: Path) -> tuple[Path, str | None]:
+    """(local checkpoint, run id or None) for `figures`: a run id means its checkpoint/best.pt."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from diffcraft.errors import CheckpointError
+    from diffcraft.study.promote import resolve_checkpoint
+
+    if not re.fullmatch(RUN_ID, source) or Path(source).exists():
+        return resolve_checkpoint(source, tracking_uri, tmp), None
+    try:
+        MlflowClient(tracking_uri).get_run(source)
+    except MlflowException:
+        raise CheckpointError(f"{source}: no such run at MLflow {tracking_uri} (and no such file)") from None
+    return resolve_checkpoint(f"runs:/{source}/checkpoint/best.pt", tracking_uri, tmp), source
+
+
+def _cmd_figures(args) -> None:
+    import re
+    import tempfile
+
+    from diffcraft.data.dataset import ClipDataset
+    from diffcraft.errors import ConfigError, DataError
+    from diffcraft.figures import latent_figures
+    from diffcraft.study.tracking import default_tracking_uri
+    from diffcraft.train.checkpoint import model_from_checkpoint
+
+    tracking_uri = default_tracking_uri(args.tracking_uri or "")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, run_id = _figures_checkpoint(args.source, tracking_uri, Path(tmp))
+        model, cfg = model_from_checkpoint(checkpoint)
+    if model.encoder is None:
+        raise ConfigError(f"{args.source}: a {cfg.model.stage}-stage model has no encoder, so no latent figures")
+    cache = args.cache or cfg.data.cache
+    out = args.out or Path("figures-" + re.sub(r"[^\w.@-]+", "_", args.source.split(":/", 1)[-1]).strip("_."))
+    try:
+        paths = latent_figures(model, ClipDataset(cache, args.split), out)
+    except DataError as err:
+        raise DataError(f"{args.source}, {args.split} split of cache {cache}: {err} "
+                        "(--cache, --split pick others)") from None
+    print("\n".join(f"wrote {path}" for path in paths))
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        for path in paths:
+            client.log_artifact(run_id, str(path), "figures")
+        print(f"logged to run {run_id} under figures/ (MLflow {tracking_uri})")
+
+
 def _cmd_quickstart(args) -> None:
     from diffcraft.quickstart import quickstart
 
@@ -225,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="cache: a folder, or s3://bucket/prefix, gs://...")
     prep.add_argument("--crepe-model", default="full", choices=["full", "tiny"])
     prep.add_argument("--silence-db", type=float, default=-60.0)
-    prep.add_argument("--validation-fraction", type=float, default=0.2)
+    prep.add_argument("--validation-fraction", type=float, default=0.2, help="share of songs that pick the best epoch")
+    prep.add_argument("--test-fraction", type=float, default=0.2, help="share of songs held out for reported numbers")
+    prep.add_argument("--split-seed", type=int, default=0, help="which songs the fractions pick")
+    prep.add_argument("--split-file", default="", help="YAML/JSON train:/validation:/test: song lists (instead "
+                                                       "of the fractions)")
     prep.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     prep.add_argument("--stems", nargs="*", default=None, help="MDB track ids to use")
     prep.add_argument("--instruments", nargs="*", default=None, help="MedleyDB instruments to use")
@@ -309,6 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--plot", action="store_true", help="also write input/output spectrograms with the F0 used")
     tr.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ (default: ./mlflow.db)")
     tr.set_defaults(func=_cmd_transfer)
+
+    fig = sub.add_parser("figures", help="latent t-SNE and interpolation figures of a model with an encoder")
+    fig.add_argument("source", metavar="SOURCE",
+                     help="an MLflow run id (its checkpoint/best.pt; the figures are also logged to it), "
+                          "models:/NAME@ALIAS, runs:/ID/PATH, an MLflow Model folder or a checkpoint")
+    fig.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: figures-SOURCE)")
+    fig.add_argument("--cache", default=None, help="feature cache of the clips (default: the run config's data.cache)")
+    fig.add_argument("--split", default="validation", choices=["validation", "train", "test"])
+    fig.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                     help="MLflow URI for run ids and models:/ (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    fig.set_defaults(func=_cmd_figures)
 
     quick = sub.add_parser("quickstart", help="synthetic data -> cache -> the quickstart study -> report")
     quick.add_argument("--workdir", default="diffcraft-quickstart")

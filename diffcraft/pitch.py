@@ -13,9 +13,9 @@ A0 * 2^((10 + 20k) / 1200), the first centre 27.66 Hz and the last 4161.9 Hz (a 
 layout would need 436 bins to reach C8).
 
 Targets are the true F0 Gaussian-blurred over the bin centres, sigma 25 cents:
-y_i = exp(-(c_i - c_true)^2 / (2 * 25^2)). The estimate is the paper's weighted mean of the bin
-centres, taken within 4 bins of the most probable bin as CREPE decodes, so that mass on a far
-octave does not drag the estimate between notes.
+y_i = exp(-(c_i - c_true)^2 / (2 * 25^2)). The estimate is the probability-weighted mean of the
+bin centres: over all bins as the paper writes it, or (the default) within 4 bins of the most
+probable bin as CREPE decodes, so that mass on a far octave does not drag the estimate between notes.
 """
 from __future__ import annotations
 
@@ -83,21 +83,24 @@ def blurred_targets(f0_hz: torch.Tensor, sigma_cents: float = TARGET_SIGMA_CENTS
 
 
 def peak_weighted_hz(probabilities: torch.Tensor, bin_cents: torch.Tensor,
-                     window: int = DECODE_WINDOW_BINS) -> torch.Tensor:
+                     window: int | None = DECODE_WINDOW_BINS) -> torch.Tensor:
     """Pitch from a distribution over pitch bins: the probability-weighted mean of the bin cents
     within `window` bins of the most probable bin (CREPE's decoding; kept local so that mass on a
-    far octave does not drag the estimate between notes). [..., n_bins] -> Hz [...]."""
-    peak = probabilities.argmax(-1, keepdim=True)
-    bins = torch.arange(probabilities.shape[-1], device=probabilities.device)
-    weights = probabilities * ((bins - peak).abs() <= window)
+    far octave does not drag the estimate between notes), or over every bin for `window=None`.
+    [..., n_bins] -> Hz [...]."""
+    weights = probabilities
+    if window is not None:
+        peak = probabilities.argmax(-1, keepdim=True)
+        bins = torch.arange(probabilities.shape[-1], device=probabilities.device)
+        weights = probabilities * ((bins - peak).abs() <= window)
     cents = (weights * bin_cents).sum(-1) / weights.sum(-1).clamp_min(1e-8)
     return cents_to_hz(cents)
 
 
-def decode_f0(probabilities: torch.Tensor) -> torch.Tensor:
-    """F0 in Hz: the paper's weighted mean of the bin centres, taken within 4 bins of the most
-    probable bin as CREPE does. [..., 435] -> [...]."""
-    return peak_weighted_hz(probabilities, bin_centres_cents(probabilities.device))
+def decode_f0(probabilities: torch.Tensor, window: int | None = DECODE_WINDOW_BINS) -> torch.Tensor:
+    """F0 in Hz: the paper's weighted mean of the bin centres, within `window` bins of the most
+    probable bin as CREPE does (default 4) or over all bins (None). [..., 435] -> [...]."""
+    return peak_weighted_hz(probabilities, bin_centres_cents(probabilities.device), window)
 
 
 # ---------------------------------------------------------------- errors in cents

@@ -7,6 +7,7 @@ loss_curve_figure   training and validation curves per epoch
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -63,33 +64,63 @@ def spectrogram_figure(path, target_audio, synth_audio, f0_hz, title: str = "",
     return _save(fig, path)
 
 
-def embedding_figure(path, z_f0, z_loudness, f0_hz, loudness_db, max_points: int = 2000,
-                     seed: int = 0) -> Path:
+MIN_TSNE_POINTS = 10  # fewer frames than this make no map worth reading
+
+
+def _tsne_problem(z: np.ndarray) -> str:
+    """Why these points [n, dims] cannot be embedded, or '' when they can: sklearn's t-SNE needs
+    a handful of points, and with PCA init it crashes the process on (near) constant ones."""
+    if len(z) < MIN_TSNE_POINTS:
+        return f"{len(z)} frames, t-SNE needs at least {MIN_TSNE_POINTS}"
+    if not np.isfinite(z).all():
+        return "the latent holds NaN or Inf"
+    spread = float(np.std(z.astype(np.float64), axis=0).max())
+    if spread <= 1e-6 * max(1.0, float(np.abs(z).max())):
+        return f"the latent is constant over these frames (std {spread:.1e}): nothing to embed"
+    return ""
+
+
+def embedding_figure(path, z_f0, z_loudness, f0_hz, loudness_db, max_points: int = 1000,
+                     seed: int = 0, voiced=None, titles=("F0 latent", "loudness latent")) -> Path:
     """t-SNE of per-frame F0 and loudness latents ([frames, latent] each), coloured by the frame's
-    pitch (MIDI) and loudness (dB). Unvoiced frames (f0 <= 0) are left out of the F0 map."""
+    pitch (MIDI) and loudness (dB). Frames not `voiced` (default: f0 <= 0) are left out of the F0
+    map; at most `max_points` frames per map (a seeded draw) keep it to seconds. A map that cannot
+    be drawn says why in its panel instead. t-SNE runs on one thread: its OpenMP runtime beside
+    torch's spin-waits for minutes on a busy machine, where one thread takes about two seconds."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     z_f0, z_ld = _numpy(z_f0), _numpy(z_loudness)
     f0, loud = _numpy(f0_hz).reshape(-1), _numpy(loudness_db).reshape(-1)
+    voiced = f0 > 0 if voiced is None else _numpy(voiced).reshape(-1).astype(bool)
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, z, colour, label, keep in (
-            (axes[0], z_f0, hz_to_midi(np.maximum(f0, 1e-3)), "pitch (MIDI)", f0 > 0),
-            (axes[1], z_ld, loud, "loudness (dB)", np.ones_like(loud, dtype=bool))):
+    for ax, z, colour, label, keep, title in (
+            (axes[0], z_f0, hz_to_midi(np.maximum(f0, 1e-3)), "pitch (MIDI)", voiced, titles[0]),
+            (axes[1], z_ld, loud, "loudness (dB)", np.ones_like(loud, dtype=bool), titles[1])):
         index = np.flatnonzero(keep)
-        index = rng.choice(index, min(max_points, len(index)), replace=False) if len(index) else index
-        if len(index) >= 5:
-            points = TSNE(2, perplexity=min(30, len(index) - 1), init="pca", random_state=seed).fit_transform(z[index])
+        index = np.sort(rng.choice(index, min(max_points, len(index)), replace=False))
+        problem = _tsne_problem(z[index])
+        if problem:
+            ax.text(0.5, 0.5, "no t-SNE map:\n" + textwrap.fill(problem, 40), ha="center", va="center",
+                    transform=ax.transAxes)
+        else:
+            perplexity = max(2.0, min(30.0, (len(index) - 1) / 3))
+            tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed)
+            with threadpool_limits(1):
+                points = tsne.fit_transform(z[index].astype(np.float64))
             sc = ax.scatter(points[:, 0], points[:, 1], c=colour[index], s=4, cmap="viridis")
             fig.colorbar(sc, ax=ax, label=label)
-        ax.set_title(f"{label.split()[0]} embedding (t-SNE)")
+        ax.set_title(f"{title} (t-SNE), coloured by {label.split()[0]}")
         ax.set_xticks([])
         ax.set_yticks([])
     return _save(fig, path)
 
 
-def interpolation_figure(path, encoder, audio_a, audio_b, alphas=INTERPOLATION_ALPHAS) -> Path:
-    """Decode F0 and loudness from z_a + alpha (z_b - z_a) for each alpha (encoder in eval mode)."""
+def interpolation_figure(path, encoder, audio_a, audio_b, alphas=INTERPOLATION_ALPHAS, title: str = "") -> Path:
+    """Decode F0 and loudness from z_a + alpha (z_b - z_a) for each alpha, z the posterior means
+    of the two clips (audio [n_samples] each); the encoder runs in eval mode and is left as it was."""
+    was_training = encoder.training
     encoder.eval()
     with torch.no_grad():
         audio = torch.stack([torch.as_tensor(audio_a), torch.as_tensor(audio_b)]).float()
@@ -102,9 +133,12 @@ def interpolation_figure(path, encoder, audio_a, audio_b, alphas=INTERPOLATION_A
             t = np.arange(out["f0_hz"].shape[-1]) * HOP_LENGTH / SAMPLE_RATE
             axes[0].plot(t, _numpy(out["f0_hz"][0]), color=colour, label=f"α={alpha:g}")
             axes[1].plot(t, _numpy(out["loudness_db"][0]), color=colour, label=f"α={alpha:g}")
+    encoder.train(was_training)
     axes[0].set(title="F0 from the interpolated latent", xlabel="time (s)", ylabel="Hz", yscale="log")
     axes[1].set(title="loudness from the interpolated latent", xlabel="time (s)", ylabel="dB")
     axes[1].legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 

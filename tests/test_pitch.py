@@ -75,6 +75,37 @@ def test_decoding_ignores_mass_an_octave_away_from_the_peak():
     assert pitch.hz_to_cents(decoded) == pytest.approx(centres[100].item(), abs=1e-2)
 
 
+def test_all_bin_decoding_is_dragged_toward_octave_mass_that_local_decoding_ignores():
+    centres = pitch.bin_centres_cents()
+    probs = torch.zeros(pitch.N_BINS)
+    probs[100] = 0.6
+    probs[160] = 0.4  # an octave (1200 cents) above the peak
+    local = pitch.hz_to_cents(pitch.decode_f0(probs)).item()
+    everywhere = pitch.hz_to_cents(pitch.decode_f0(probs, window=None)).item()
+    assert local == pytest.approx(centres[100].item(), abs=1e-2)
+    assert everywhere == pytest.approx(centres[100].item() + 0.4 * 1200, abs=1e-2)  # between the notes
+
+
+@pytest.mark.parametrize("f0", [65.4, 440.0, 2000.0])
+def test_local_and_all_bin_decodings_agree_on_a_single_peak(f0):
+    probs = pitch.blurred_targets(torch.tensor([f0]))
+    probs = probs / probs.sum(-1, keepdim=True)
+    local, everywhere = pitch.decode_f0(probs), pitch.decode_f0(probs, window=None)
+    assert abs(pitch.cents_error(everywhere, local).item()) < 0.1
+
+
+def test_the_encoders_f0_decoding_option_picks_the_window():
+    from diffcraft.models.encoders import AudioEncoder, EncoderConfig
+
+    torch.manual_seed(0)
+    encoder = AudioEncoder(EncoderConfig(core="gru", width=8, latent_size=2, head_width=8))
+    z = torch.randn(1, 5, 2)
+    probs = torch.softmax(encoder.f0_decoder(z), -1)
+    for option, window in (("local", pitch.DECODE_WINDOW_BINS), ("all", None)):
+        encoder.cfg.f0_decoding = option
+        assert torch.equal(encoder.decode(z, z)["f0_hz"], pitch.decode_f0(probs, window)), option
+
+
 def test_cents_error_is_signed_and_folding_forgives_octaves():
     assert pitch.cents_error(torch.tensor(880.0), torch.tensor(440.0)).item() == pytest.approx(1200.0)
     assert pitch.cents_error(torch.tensor(440.0), torch.tensor(880.0)).item() == pytest.approx(-1200.0)

@@ -116,8 +116,10 @@ def test_a_trial_whose_worker_is_killed_is_retried_and_finishes_with_every_epoch
     assert sorted(failures.values()) == [0, 0, 0, 1], failures
     client, _, children = child_runs(study)
     assert len(children) == 4  # the retried trial kept its MLflow run
+    retried = [run for run in children if run.data.tags.get("attempts") == "2"]
+    assert len(retried) == 1 and "previous_error" in retried[0].data.tags, [r.data.tags for r in children]
     for run in children:
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED" and "error" not in run.data.tags
         for key in ("val_mss_mean", "train_mss", "epoch_seconds"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], (key, run.data.tags)
 
@@ -217,6 +219,11 @@ def test_collapse_guard_stop_ends_a_collapsed_trial_and_its_run_says_why(ray_loc
     assert run.data.metrics["val_active_units"] < ALL_UNITS_ACTIVE
     assert outcome.results[0].metrics["collapsed"] == 1.0 and outcome.results[0].metrics["epochs_done"] == 1
     assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    figures = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures.get("figures/latent_tsne.png", 0) > 5000 and figures.get("figures/latent_interpolation.png", 0) > 5000
+    # the test split (one clip here: no spread) scored at the selected checkpoint
+    for key in ("test_mss_mean", "test_f0_loss", "test_rpa", "test_loudness_mae_db", "test_kl", "test_n_clips"):
+        assert key in run.data.metrics, key
 
 
 # --- Optuna, resumed after a killed driver; the collapse guard penalising its objective -----------
@@ -307,13 +314,15 @@ def test_collapse_guard_penalize_does_not_say_it_ended_the_trial(resumed_optuna_
     assert [r.data.tags.get("ended_by") for r in children] == [None] * OPTUNA_SAMPLES
 
 
-@pytest.mark.xfail(strict=False, reason="a race, seen once in two runs: when the driver dies within Tune's 2 s "
-                   "snapshot of a suggestion, the resumed study's Optuna storage holds 5 trials for 4 samples (the "
-                   "trial in flight stays RUNNING forever; its rerun is a new Optuna trial with the same params)")
-def test_optuna_storage_holds_one_trial_per_sample_after_the_resume(resumed_optuna_study):
+def test_optuna_storage_completes_every_sample_once_and_leaves_nothing_running(resumed_optuna_study):
     import optuna
 
     study, _, _ = resumed_optuna_study
     opt = optuna.load_study(study_name="s", storage=f"sqlite:///{study.location.local_path() / 'optuna.db'}")
-    assert [t.state for t in opt.trials] == [optuna.trial.TrialState.COMPLETE] * OPTUNA_SAMPLES, [
-        (t.number, t.state.name, t.params) for t in opt.trials]
+    states = [t.state for t in opt.trials]
+    described = [(t.number, t.state.name, t.params) for t in opt.trials]
+    # the whole study ended: nothing stays RUNNING (a suggestion lost with the driver, re-suggested
+    # by Tune after the resume, is marked FAIL), and every sample completed once
+    assert optuna.trial.TrialState.RUNNING not in states, described
+    assert states.count(optuna.trial.TrialState.COMPLETE) == OPTUNA_SAMPLES, described
+    assert len(states) <= OPTUNA_SAMPLES + 1, described

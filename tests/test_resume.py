@@ -1,5 +1,6 @@
 """A resumed run draws exactly what the uninterrupted run draws: the same clips per epoch, the same
-noise, the same weights at the end; evaluation leaves the training streams alone."""
+noise, the same learning rates, the same weights at the end; evaluation leaves the training
+streams alone."""
 import torch
 
 from diffcraft.train.checkpoint import load_checkpoint
@@ -18,6 +19,28 @@ def test_two_epochs_after_a_resume_match_the_same_epochs_without_it(synth_cache,
     a = load_checkpoint(tmp_path / "straight" / "tiny" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "tiny" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 6
+    for name, weight in a["model"].items():
+        assert torch.equal(weight, b["model"][name]), name
+    assert [m["train_loss"] for m in a["history"]] == [m["train_loss"] for m in b["history"]]
+
+
+def test_a_plateau_schedule_resumes_where_it_stood(synth_cache, tmp_path):
+    """The selection metric 'epoch' (min) never improves after epoch 0, so with patience 0 the
+    learning rate halves after epochs 1 and 2; a resume after epoch 0 must remember that epoch 0
+    was the best, or epoch 1 would count as an improvement and the rates would part."""
+    plateau = {"epochs": 3, "lr_schedule": "plateau", "lr_decay": 0.5, "lr_plateau_patience": 0}
+    never_improves = ("epoch", "min")
+    straight = tiny_run_config(synth_cache, tmp_path / "straight", **plateau)
+    train(straight, progress=False, select=never_improves)
+    interrupted = tiny_run_config(synth_cache, tmp_path / "resumed", **{**plateau, "epochs": 1})
+    train(interrupted, progress=False, select=never_improves)
+    interrupted.train.epochs = 3
+    train(interrupted, progress=False, select=never_improves)
+    a = load_checkpoint(tmp_path / "straight" / "tiny" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "tiny" / "checkpoints" / "last.pt")
+    assert [m["lr"] for m in a["history"]] == [m["lr"] for m in b["history"]] == [1e-3, 1e-3, 5e-4]
+    assert a["lr_schedule"] == b["lr_schedule"] and a["lr_schedule"]["plateau"]["best"] == 0
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"] == 2.5e-4
     for name, weight in a["model"].items():
         assert torch.equal(weight, b["model"][name]), name
     assert [m["train_loss"] for m in a["history"]] == [m["train_loss"] for m in b["history"]]

@@ -269,7 +269,11 @@ def test_a_two_worker_ray_train_trial_runs_on_cpu(ray_local, synth_cache, tmp_pa
     run = children[0]
     assert run.info.status == "FINISHED" and run.data.tags["workers"] == "2"
     for key in run.data.metrics:  # only rank 0 logs: one value per epoch of every metric
+        if key.startswith("test_") or key.startswith(("n_parameters", "seconds_per_epoch")):
+            continue  # scored once, at the selected checkpoint
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    spread = client.get_metric_history(run.info.run_id, "rank_weight_spread")
+    assert [m.step for m in spread] == [0, 1] and all(m.value == 0.0 for m in spread)  # the ranks agree exactly
     from diffcraft.train.checkpoint import load_checkpoint
 
     trial_dir = next((tmp_path / "studies" / "s" / "train").iterdir())
@@ -374,3 +378,21 @@ def test_a_trial_restarted_after_its_last_epoch_tells_tune_its_final_result_agai
     assert len(again) == 1 and again[0]["epochs_done"] == 2
     assert again[0]["val_loss"] == pytest.approx(first[-1]["val_loss"])
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [0, 1]
+
+
+def test_optuna_suggestions_left_running_are_failed_once_the_study_ended(tmp_path, synth_cache):
+    """A suggestion whose driver died before Tune recorded it never ends by itself."""
+    import optuna
+
+    from diffcraft.study.runner import fail_orphan_suggestions, optuna_storage
+
+    study = load_study(write_study(tmp_path, synth_cache, search={
+        "algorithm": "optuna", "samples": 2, "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}))
+    assert fail_orphan_suggestions(study) == []  # no Optuna study yet: nothing to do
+    opt = optuna.create_study(study_name="s", storage=optuna_storage(study))
+    done = opt.ask()
+    opt.tell(done, 1.0)
+    lost = opt.ask()
+    assert fail_orphan_suggestions(study) == [lost.number]
+    states = [t.state for t in optuna.load_study(study_name="s", storage=optuna_storage(study)).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]

@@ -35,6 +35,7 @@ class EncoderConfig:
     core_layers: int = 1
     latent_size: int = 16  # per frame, per latent
     head_width: int = 256  # hidden width of the F0 and loudness decoders
+    f0_decoding: Literal["local", "all"] = "local"  # F0: weighted mean of the bins near the peak or of all
 
     def validate(self, where: str = "") -> None:
         p = f"{where}." if where else ""
@@ -42,6 +43,11 @@ class EncoderConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{p}{name}: {getattr(self, name)} must be at least 1")
 
+
+F0_DECODING_WINDOWS = {  # f0_decoding -> bins either side of the peak that the weighted mean reads
+    "local": pitch.DECODE_WINDOW_BINS,  # CREPE's: mass on a far octave does not drag F0 between notes
+    "all": None,  # the paper's: every bin
+}
 
 FEATURES = {  # name -> (features per frame, extractor [batch, samples] -> [batch, frames, size])
     "waveform": (HOP_LENGTH, lambda audio: audio.reshape(audio.shape[0], -1, HOP_LENGTH)),
@@ -139,7 +145,8 @@ class AudioEncoder(nn.Module):
 
     def decode(self, z_f0: torch.Tensor, z_loudness: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.f0_decoder(z_f0).float()
-        return {"f0_logits": logits, "f0_hz": pitch.decode_f0(torch.softmax(logits, dim=-1)),
+        window = F0_DECODING_WINDOWS[self.cfg.f0_decoding]
+        return {"f0_logits": logits, "f0_hz": pitch.decode_f0(torch.softmax(logits, dim=-1), window),
                 "loudness_db": self.loudness_decoder(z_loudness).float()}
 
     def split(self, latents: dict) -> tuple[torch.Tensor, torch.Tensor]:

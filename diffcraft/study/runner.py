@@ -54,6 +54,24 @@ def optuna_storage(study: StudyConfig):
     return optuna.storages.RDBStorage(f"sqlite:///{local / 'optuna.db'}")
 
 
+def fail_orphan_suggestions(study: StudyConfig) -> list[int]:
+    """Optuna trials left RUNNING once the whole study has ended: suggestions whose driver died
+    before Tune's snapshot recorded them (Tune suggested them again after the resume). Marked
+    FAIL, so the sampler's history holds no trial that never ends. Returns their numbers."""
+    if study.search.algorithm != "optuna" or (storage := optuna_storage(study)) is None:
+        return []
+    import optuna
+
+    try:
+        opt = optuna.load_study(study_name=study.name, storage=storage)
+    except KeyError:  # no trial was ever suggested
+        return []
+    stale = [t.number for t in opt.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    for number in stale:
+        opt.tell(number, state=optuna.trial.TrialState.FAIL)
+    return stale
+
+
 def _search_and_scheduler(study: StudyConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -226,6 +244,8 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
         client.set_terminated(state["parent_run_id"], "KILLED" if interrupted else "FINISHED")
         if interrupted:
             sweep_orphan_runs(state)
+        else:
+            fail_orphan_suggestions(study)
         try:
             describe_study_run(study)
         except Exception as err:  # noqa: BLE001 - the trials' results stand without their summary

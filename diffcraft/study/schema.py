@@ -336,8 +336,10 @@ def absolute_paths(data: dict, root: Path) -> dict:
     if isinstance(cache, str) and cache:
         run["data"]["cache"] = absolute(cache, root)
     init = run.get("train", {}).get("init_from")
-    if isinstance(init, str) and init and not is_remote(init):
-        run["train"]["init_from"] = absolute(init, root)
+    if init:
+        local = [absolute(p, root) if isinstance(p, str) and p and not is_remote(p) else p
+                 for p in ([init] if isinstance(init, str) else init)]
+        run["train"]["init_from"] = local[0] if isinstance(init, str) else local
     return data
 
 

@@ -133,7 +133,14 @@ class TrialRun:
             items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                 client.log_batch(run_id, params=items[i: i + MAX_PARAMS_PER_BATCH])
-        else:
+        else:  # a retry or a resume: what ended the last attempt is history, not this attempt's outcome
+            old = found[0].data.tags
+            client.set_tag(run_id, "attempts", int(old.get("attempts", "1")) + 1)
+            if "error" in old:
+                client.set_tag(run_id, "previous_error", old["error"])
+            for key in ("error", "ended_by", "stopped_reason"):
+                if key in old:
+                    client.delete_tag(run_id, key)
             client.update_run(run_id, status="RUNNING")
         return cls(client, run_id)
 

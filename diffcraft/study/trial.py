@@ -107,6 +107,8 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
     contour and wav files of ground truth and synthesis; returns the best epoch's metrics."""
     from diffcraft.audio.io import write_wav
     from diffcraft.data.dataset import ClipDataset
+    from diffcraft.errors import DataError
+    from diffcraft.figures import latent_figures
     from diffcraft.plots import loss_curve_figure, spectrogram_figure
     from diffcraft.train.evaluate import seeded
 
@@ -128,6 +130,11 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
         model, cfg = model_from_checkpoint(best)
         run.log_metrics(describe_cost(model, history), int(metrics["epochs_done"]) - 1)
         log_clip_scores(run, model, cfg, tmp, int(metrics["epochs_done"]) - 1)
+        try:  # the latent maps of a model with an encoder (none for the decoder stage)
+            for path in latent_figures(model, ClipDataset(cfg.data.cache, "validation"), tmp / "latent"):
+                run.log_artifact(path, "figures")
+        except DataError as err:  # e.g. a validation split of one clip: the trial keeps its other artifacts
+            run.tag(latent_figures_skipped=str(err)[:5000])
         if model.decoder is not None:
             clips = ClipDataset(cfg.data.cache, "validation")
             with torch.no_grad(), seeded(0):

@@ -72,6 +72,7 @@ class RayTrainSession(Session):
         import ray.train.torch
 
         model.to(self.device)
+        self.model = model
         return ray.train.torch.prepare_model(model, move_to_device=False) if self.world > 1 else model
 
     def restore(self) -> dict | None:
@@ -97,6 +98,9 @@ class RayTrainSession(Session):
         import ray.train
 
         stop = False
+        if self.world > 1:  # data parallelism keeps the ranks' weights equal: the record says it did
+            spread = self.weight_spread()
+            metrics["rank_weight_spread"] = spread
         if state is None:
             ray.train.report({}, checkpoint=None)
         else:
@@ -111,15 +115,23 @@ class RayTrainSession(Session):
             if collapsed:
                 self.run.tag(collapsed="true")
             stop = collapsed and self.study.collapse_guard.action == "stop"
-        return self.agree(stop)
+        return bool(self.share(1.0 if stop else 0.0))
 
-    def agree(self, stop: bool) -> bool:
-        """Rank 0's decision, on every rank (a collective on the backend's device)."""
+    def weight_spread(self) -> float:
+        """The largest difference between the ranks' copies of any weight (a collective)."""
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
+        high, low = flat.clone(), flat.clone()
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        return float((high - low).max())
+
+    def share(self, value: float) -> float:
+        """Rank 0's value, on every rank (a broadcast on the backend's device)."""
         if self.world == 1:
-            return stop
-        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-        torch.distributed.broadcast(flag, src=0)
-        return bool(flag.item())
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(tensor, src=0)
+        return float(tensor.item())
 
 
 def train_worker(config: dict) -> None:
@@ -133,5 +145,7 @@ def train_worker(config: dict) -> None:
     study, cfg = config["study"], config["cfg"]
     rank = ray.train.get_context().get_world_rank()
     run = TrialRun(MlflowClient(config["tracking_uri"]), config["run_id"]) if rank == 0 else None
-    train(cfg, progress=False, session=RayTrainSession(study, run),
-          select=(study.objective.metric, study.objective.mode))
+    result = train(cfg, progress=False, session=RayTrainSession(study, run),
+                   select=(study.objective.metric, study.objective.mode))
+    if run is not None and result.init_report:  # what train.init_from loaded, module by module
+        run.log_dict(result.init_report, "init_report.yaml")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,16 +75,61 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu"):
     return model.to(device).eval(), cfg
 
 
-def init_weights(model: torch.nn.Module, path: str) -> int:
-    """Copy the weights of checkpoint `path` whose names and shapes match (e.g. a pretrained
-    encoder into a joint model); returns how many tensors were copied."""
-    source = load_checkpoint(path)["model"]
+def init_weights(model: torch.nn.Module, paths: str | Path | list) -> dict[str, dict]:
+    """Start `model` from the weights of one checkpoint or several (e.g. a pretrained encoder and a
+    pretrained decoder into a joint model), each top-level module from at most one of them.
+    Returns {module: {'from': path or None, 'loaded': tensors copied, 'of': tensors it has}}.
+    CheckpointError names the file when one matches nothing, holds a matching name with another
+    shape, or provides a module another one already provided."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     own = model.state_dict()
-    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    sizes = Counter(module_of(name) for name in own)
+    report = {module: {"from": None, "loaded": 0, "of": n} for module, n in sizes.items()}
+    chosen = {}
+    for path in paths:
+        matched = matching_weights(path, own)
+        for module in sorted({module_of(name) for name in matched}):
+            if report[module]["from"] is not None:
+                raise CheckpointError(f"{path}: it holds {module} weights, which {report[module]['from']} already "
+                                      f"provides; start each module from one checkpoint only")
+            loaded = sum(module_of(name) == module for name in matched)
+            report[module].update({"from": str(path), "loaded": loaded})
+        chosen.update(matched)
+    model.load_state_dict(chosen, strict=False)
+    return report
+
+
+def module_of(name: str) -> str:
+    """The top-level module of a state-dict entry: 'encoder.heads.f0.proj.weight' -> 'encoder'."""
+    return name.split(".", 1)[0]
+
+
+def matching_weights(path: str | Path, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint `path` that `own` (a state dict) has by name; a name with another
+    shape, or no name in common, raises CheckpointError naming the file."""
+    source = load_checkpoint(path).get("model")
+    if not isinstance(source, dict):
+        raise CheckpointError(f"{path}: holds no model weights")
+    matched = {name: value for name, value in source.items() if name in own}
     if not matched:
-        raise CheckpointError(f"{path}: no weight in it matches this model")
-    model.load_state_dict(matched, strict=False)
-    return len(matched)
+        raise CheckpointError(f"{path}: no weight in it matches this model (its modules: "
+                              f"{', '.join(sorted({module_of(n) for n in source})) or 'none'})")
+    wrong = [f"{name} is {list(value.shape)} there, {list(own[name].shape)} here"
+             for name, value in matched.items() if value.shape != own[name].shape]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(f"{path}: weights of another shape than this model's: {wrong[0]}{more}; "
+                              f"was it trained with another model config?")
+    return matched
+
+
+def describe_init(report: dict[str, dict]) -> str:
+    """What `init_weights` loaded, a line per module, for a person starting the run."""
+    width = max(map(len, report), default=0)
+    lines = [f"  {module:<{width}}  " + (f"{r['loaded']}/{r['of']} tensors from {r['from']}" if r["from"]
+                                         else f"0/{r['of']} tensors, trained from scratch")
+             for module, r in report.items()]
+    return "\n".join(["initial weights:", *lines])
 
 
 def rng_state() -> dict:

@@ -57,11 +57,15 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 10
     lr: float = 3e-4  # Adam learning rate
-    lr_decay: float = 0.98  # multiplied into the learning rate every `lr_decay_steps` steps
-    lr_decay_steps: int = 10000
+    lr_schedule: Literal["exponential", "step", "plateau"] = "exponential"  # when lr_decay is multiplied in
+    lr_decay: float = 0.98  # factor per lr_decay_steps steps (exponential), per decay (step; plateau: below 1)
+    lr_decay_steps: int = 10000  # exponential: lr * lr_decay ** (step / lr_decay_steps), set every step
+    lr_step_epochs: int = 10  # step: lr * lr_decay ** (epoch // lr_step_epochs)
+    lr_plateau_patience: int = 5  # plateau: epochs without improvement tolerated; the next one decays the lr
+    lr_min: float = 0.0  # plateau: the floor the learning rate stops at
     grad_clip: float = 3.0  # global gradient-norm clip (0: off)
     seed: int = 0
-    init_from: str = ""  # checkpoint whose matching weights start this run (e.g. a pretrained encoder)
+    init_from: str | list[str] = ""  # checkpoint(s) whose matching weights start this run, one per module
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the networks; synthesis and loss stay fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"  # a standalone run's device (study trials: Ray Train's)
     threads: int = 0  # torch CPU threads (0: leave as is)
@@ -74,6 +78,26 @@ class TrainConfig:
             raise ConfigError(f"{p}lr: {self.lr} must be positive")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"{p}lr_decay: {self.lr_decay} must be in (0, 1]")
+        if self.lr_schedule == "plateau" and self.lr_decay == 1:
+            raise ConfigError(f"{p}lr_decay: 1.0 never lowers the learning rate; the plateau schedule needs a "
+                              f"factor below 1")
+        for name in ("lr_decay_steps", "lr_step_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{p}{name}: {getattr(self, name)} must be at least 1")
+        if self.lr_plateau_patience < 0:
+            raise ConfigError(f"{p}lr_plateau_patience: {self.lr_plateau_patience} must not be negative")
+        if self.lr_min < 0:
+            raise ConfigError(f"{p}lr_min: {self.lr_min} must not be negative")
+        for i, path in enumerate(self.init_paths):
+            if not path:
+                raise ConfigError(f"{p}init_from[{i}]: an empty path")
+
+    @property
+    def init_paths(self) -> list[str]:
+        """`init_from` as a list: no checkpoint, one or several."""
+        if isinstance(self.init_from, str):
+            return [self.init_from] if self.init_from else []
+        return list(self.init_from)
 
 
 @dataclass

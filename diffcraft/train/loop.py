@@ -6,6 +6,7 @@ session (`train.session`) says where the run lives, and the study layer brings i
     for epoch in remaining epochs:
         sums = train_epoch(run, epoch)    # every rank: its shard of the epoch
         metrics = epoch_metrics(run, ...) # rank 0: training averages + validation
+        schedule_epoch(run, metrics)      # every rank: a plateau schedule reads the selection metric
         stop = commit(run, metrics)       # persisted (and logged) before the next epoch starts
 """
 from __future__ import annotations
@@ -23,11 +24,12 @@ from diffcraft import CLIP_SAMPLES, SAMPLE_RATE
 from diffcraft.errors import CheckpointError
 from diffcraft.losses import MultiScaleSpectralLoss
 from diffcraft.models.autoencoder import DiffCraft
-from diffcraft.train.checkpoint import init_weights, rng_state, set_rng_state
+from diffcraft.train.checkpoint import describe_init, init_weights, rng_state, set_rng_state
 from diffcraft.train.config import RunConfig
 from diffcraft.train.data import make_loaders
 from diffcraft.train.evaluate import evaluate
 from diffcraft.train.objective import beta_at, loss_terms, total_loss, validation_loss
+from diffcraft.train.schedule import LRSchedule, schedule_epoch
 from diffcraft.train.session import LocalSession, Session, resolve_device
 
 __all__ = ["TrainResult", "describe_epoch", "make_autocast", "train"]
@@ -40,6 +42,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one metrics dict per epoch
     best: dict = field(default_factory=dict)
     step: int = 0
+    init_report: dict = field(default_factory=dict)  # module -> {'from', 'loaded', 'of'} (`init_weights`)
 
     def describe(self) -> str:
         return (f"{len(self.history)} epochs, {self.step} steps; best {describe_epoch(self.best)}; "
@@ -75,6 +78,7 @@ class Run:
     model: DiffCraft
     net: torch.nn.Module  # what the step calls: the model, or its data-parallel wrapper
     optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     select: tuple[str, str]  # (metric, min|max) that picks the best epoch
@@ -95,24 +99,29 @@ def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss
     torch.manual_seed(cfg.train.seed + 7919 * session.rank)  # distinct noise and dropout per rank
     model = DiffCraft(cfg.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    schedule = LRSchedule(cfg.train, optimizer, select[1])
     train_loader, val_loader = make_loaders(cfg, session.rank, session.world)
-    run = Run(cfg, session, model, model, optimizer, train_loader, val_loader, select,
+    run = Run(cfg, session, model, model, optimizer, schedule, train_loader, val_loader, select,
               TrainResult(session.describe(), getattr(session, "run_dir", None)))
     state = session.restore()
     if state is not None:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state.get("lr_schedule", {}))
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{session.describe()}: the last checkpoint does not fit this run's config, so "
                                   f"it cannot be resumed ({str(err).splitlines()[0]}); use another run folder") from None
         set_rng_state(state["rng"])
         run.result.history, run.result.best, run.result.step = state["history"], state["best"], state["step"]
+        run.result.init_report = state.get("init_report", {})
         run.start_epoch = cfg.train.epochs if state.get("stopped") else state["epoch"] + 1
         if progress:
             print(f"resuming {session.where} after epoch {state['epoch']} (step {run.result.step})")
-    elif cfg.train.init_from:
-        init_weights(model, cfg.train.init_from)
+    elif cfg.train.init_paths:
+        run.result.init_report = init_weights(model, cfg.train.init_paths)
+        if progress:
+            print(describe_init(run.result.init_report))
     run.net = session.prepare_model(model)
     return run
 
@@ -128,8 +137,7 @@ def train_epoch(run: Run, epoch: int, progress: bool = False) -> tuple[dict, int
                disable=not progress, leave=False)
     for batch in bar:
         batch = {k: v.to(device) for k, v in batch.items()}
-        for group in run.optimizer.param_groups:
-            group["lr"] = cfg.train.lr * cfg.train.lr_decay ** (run.result.step / cfg.train.lr_decay_steps)
+        run.schedule.before_step(run.result.step, epoch)
         beta = beta_at(cfg.loss, run.result.step, total_steps)
         with run.autocast():
             out = run.net(batch["audio"], batch["f0_hz"], batch["loudness_db"])
@@ -184,7 +192,7 @@ def commit(run: Run, epoch: int, metrics: dict | None) -> bool:
         run.result.best = dict(metrics)
     state = {"config": asdict(run.cfg), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "epoch": epoch, "step": run.result.step, "history": run.result.history, "best": run.result.best,
-             "rng": rng_state()}
+             "rng": rng_state(), "lr_schedule": run.schedule.state_dict(), "init_report": run.result.init_report}
     return run.session.commit(state, metrics, improved)
 
 
@@ -203,6 +211,7 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = Tr
         metrics = epoch_metrics(run, epoch, sums, n_steps, seconds) if session.rank == 0 else None
         if progress and metrics:
             print(describe_epoch(metrics, cfg.train.epochs))
+        schedule_epoch(run, metrics)
         if commit(run, epoch, metrics):
             break
     return run.result

@@ -45,6 +45,10 @@ class Session:
         return whether the run stops here, the same answer on every rank."""
         return False
 
+    def share(self, value: float) -> float:
+        """Rank 0's value, on every rank (a collective: every rank calls it)."""
+        return value
+
     def describe(self) -> str:
         return f"run {self.where}"
 
