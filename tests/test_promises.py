@@ -326,3 +326,14 @@ def test_optuna_storage_completes_every_sample_once_and_leaves_nothing_running(r
     assert optuna.trial.TrialState.RUNNING not in states, described
     assert states.count(optuna.trial.TrialState.COMPLETE) == OPTUNA_SAMPLES, described
     assert len(states) <= OPTUNA_SAMPLES + 1, described
+
+
+def test_the_report_of_a_vae_study_shows_the_collapse_diagnostics(resumed_optuna_study):
+    from diffcraft.study.report import write_report
+
+    study, _, _ = resumed_optuna_study
+    report = write_report(study).read_text()
+    section = report.split("## Latent diagnostics")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| train.lr=")]
+    assert len(rows) == OPTUNA_SAMPLES and "val_active_units" in section and "val_shuffle_gap" in section
+    assert all(f" / {ALL_UNITS_ACTIVE} " in row for row in rows)  # active units out of every latent dimension

@@ -78,3 +78,29 @@ def test_report_rows_compare_configurations_over_seeds_and_paired_clips():
     assert g2["mss_mean_diff"] == pytest.approx(np.mean(per_clip)) and g2["mss_mean_diff_se"] == pytest.approx(se(per_clip))
     assert g2["val_mss_mean"] == pytest.approx(np.mean(seed_means) + 0.5)
     assert rows[0]["mss_mean_diff"] == 0.0 and g2["n_parameters"] == 100.0
+
+
+def test_every_score_has_one_value_per_clip_when_the_last_batch_holds_one_clip():
+    """The z-shuffle gap needs two clips in a batch; a batch of one still gets a (nan) score, so
+    the per-clip table stays aligned."""
+    from contextlib import nullcontext
+
+    from diffcraft.losses import MultiScaleSpectralLoss
+    from diffcraft.models.autoencoder import DiffCraft, ModelConfig
+    from diffcraft.train.evaluate import clip_scores
+    from diffcraft.typed_yaml import from_dict
+
+    model = DiffCraft(from_dict(ModelConfig, {"stage": "encoder", "encoder": {
+        "encoding": "separate", "latent": "vae", "core": "gru", "width": 8, "latent_size": 2, "head_width": 8}}))
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        return {"audio": 0.1 * torch.randn(n, 64000, generator=generator), "f0_hz": torch.full((n, 400), 440.0),
+                "voicing": torch.ones(n, 400), "loudness_db": torch.full((n, 400), -30.0)}
+
+    scores, latent = clip_scores(model, [batch(2), batch(1)], MultiScaleSpectralLoss(), torch.device("cpu"),
+                                 nullcontext)
+    assert {name: len(values) for name, values in scores.items()} == {
+        name: 3 for name in ("f0_loss", "loudness_loss", "rpa", "rca", "loudness_mae_db", "kl", "shuffle_gap")}
+    assert not math.isnan(scores["shuffle_gap"][0]) and math.isnan(scores["shuffle_gap"][2])
+    assert latent["latent_dims"] == 4

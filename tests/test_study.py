@@ -396,3 +396,15 @@ def test_optuna_suggestions_left_running_are_failed_once_the_study_ended(tmp_pat
     assert fail_orphan_suggestions(study) == [lost.number]
     states = [t.state for t in optuna.load_study(study_name="s", storage=optuna_storage(study)).trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+
+
+@pytest.mark.slow
+def test_a_grid_study_runs_no_more_trials_at_once_than_its_concurrency(ray_local, synth_cache, tmp_path):
+    """Tune applies max_concurrent_trials to Searchers only: a grid must be limited itself (trial
+    processes reserve no CPU, so without the limit every trial starts and waits inside Train)."""
+    study = load_study(write_study(tmp_path, synth_cache, concurrency=1, run={"train": {"epochs": 1}},
+                                   search={"algorithm": "grid", "space": {"train.lr": {"grid": [1e-3, 2e-3, 3e-3]}}}))
+    run_study(study, verbose=0)
+    _, _, children = child_runs(study)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in children)
+    assert len(spans) == 3 and all(spans[i][1] <= spans[i + 1][0] for i in range(2)), spans

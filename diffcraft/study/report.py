@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,7 @@ def _full_error(record: TrialRecord, study: StudyConfig, tracking_uri: str) -> s
 
 HEADLINE = ("mss_mean", "f0_loss", "rpa", "rca", "loudness_loss", "loudness_mae_db", "kl")  # per-clip metrics
 COST = ("n_parameters", "seconds_per_epoch")
+LATENT = ("val_active_units", "val_kl", "val_mean_sigma", "val_shuffle_gap")  # collapse diagnostics
 
 
 def _score_name(metric: str) -> str:
@@ -138,6 +140,7 @@ def clip_table(client: MlflowClient, record: TrialRecord, split: str) -> dict[st
 
     from diffcraft.train.metrics import read_clip_table
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per trial is noise here
     name = f"clips_{split}.csv"
     if not any(a.path == f"evaluation/{name}" for a in client.list_artifacts(record.run_id, "evaluation")):
         return {}
@@ -263,6 +266,22 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
         for row in rows:
             md.append(f"| {row['configuration']} | " + " | ".join(
                 _cell(row[f"val_{m}"], row[f"val_{m}_se_seeds"]) for m in c.metrics) + " |")
+    present = [k for k in LATENT if any(k in r.best for r in records)]
+    if present:
+        from diffcraft.train.metrics import mean_of_means
+
+        md += ["", "## Latent diagnostics (validation, at the selected epoch)", "",
+               "Mean over seeds ± standard error over seeds: active units (of the latent dimensions), KL in nats "
+               "per frame, mean posterior sigma, and the z-shuffle gap (near 0: the decoders ignore z).", ""]
+        md += head(present)
+        for row in rows:
+            cells = []
+            for key in present:
+                values = [r.best[key] for r in c.groups[row["configuration"]] if key in r.best]
+                mean, se, _ = mean_of_means(values)
+                dims = [r.best["val_latent_dims"] for r in c.groups[row["configuration"]] if "val_latent_dims" in r.best]
+                cells.append(_cell(mean, se) + (f" / {dims[0]:.0f}" if key == "val_active_units" and dims else ""))
+            md.append(f"| {row['configuration']} | " + " | ".join(cells) + " |")
     if len(rows) > 1:
         md += ["", f"## Paired differences to the best configuration ({rows[0]['configuration']})", "",
                f"Per {c.split} clip, each configuration's score averaged over its seeds, minus the best's on the same "

@@ -77,8 +77,9 @@ def _search_and_scheduler(study: StudyConfig):
 
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    # grid and random: values sampled once per sample and kept over the seeds' grid
-    search = BasicVariantGenerator(constant_grid_search=True)
+    # grid and random: values sampled once per sample and kept over the seeds' grid; Tune applies
+    # max_concurrent_trials to Searchers only, so a generator of variants is given it here
+    search = BasicVariantGenerator(constant_grid_search=True, max_concurrent=study.concurrency)
     if study.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 

@@ -84,9 +84,8 @@ def clip_scores(model, loader, mss_fn, device, autocast) -> tuple[dict[str, torc
                 add("kl", sum(kl_terms(h["mu"].float(), h["logvar"].float()).mean(1).sum(-1) for h in heads).cpu())
                 kls.append(latent_kl_dims(out["latents"]).cpu())
                 sigmas.append(torch.cat([torch.exp(0.5 * h["logvar"]).mean().reshape(1) for h in heads]).mean())
-            gap = _shuffle_gap(model, out, terms, batch, mss_fn)
-            if gap is not None:
-                add("shuffle_gap", gap.float().cpu())
+            gap = _shuffle_gap(model, out, terms, batch, mss_fn)  # none for a batch of one clip: nan keeps
+            add("shuffle_gap", gap.float().cpu() if gap is not None else [float("nan")])  # clips aligned
     model.train()
     latent: dict = {}
     if mus:
