@@ -69,12 +69,12 @@ def test_encoder_only_training_reaches_90_percent_raw_pitch_accuracy(ray_local, 
     """Separate encoding (PCCC -> F0), deterministic latents, Mamba core, 30 epochs of 64 clips
     on 8 synthetic stems; accuracy on the held-out song's clips. About a minute on 2 CPU cores."""
     from diffcraft.typed_yaml import from_dict
-    from diffcraft.data.prepare import prepare
+    from diffcraft.data.prepare import PrepareConfig, prepare
     from diffcraft.data.synthetic import write_dataset
     from diffcraft.train.config import RunConfig
 
     write_dataset(tmp_path / "src", n_songs=4, stems_per_song=2, seconds=24.0, seed=0)
-    prepare(tmp_path / "src", tmp_path / "cache", progress=False)
+    prepare(tmp_path / "src", tmp_path / "cache", PrepareConfig(test_fraction=0.0), progress=False)  # 3 train songs
     cfg = from_dict(RunConfig, {
         "name": "encoder", "out_dir": str(tmp_path / "runs"),
         "data": {"cache": str(tmp_path / "cache"), "batch_size": 8, "clips_per_epoch": 64},
