@@ -63,7 +63,7 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
                 "audio/clip0_synth.wav", "audio/clip0_truth.wav", "evaluation/clips_validation.csv",
                 "evaluation/clips_test.csv"} <= artifacts
         # the test split scored at the selected checkpoint; its clips are not the validation clips
-        assert run.data.metrics["test_n_clips"] >= 1 and "test_mss_se" in run.data.metrics
+        assert run.data.metrics["test_n_clips"] >= 1 and "test_mss_mean" in run.data.metrics
         assert run.data.metrics["n_parameters"] == run.data.metrics["n_parameters_decoder"] > 0
         assert run.data.metrics["seconds_per_epoch"] > 0
         with tempfile.TemporaryDirectory() as tmp:
