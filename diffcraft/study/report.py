@@ -190,10 +190,9 @@ def compare(study: StudyConfig, records: list[TrialRecord]) -> Comparison:
     for r in records:
         params = {k: v for k, v in r.params.items() if k != "train.seed"}
         groups.setdefault(", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "base", []).append(r)
-    prefix = "test_" if split == "test" else "val_"
-    metrics = [m for m in HEADLINE if any(prefix + m in (r.final if split == "test" else r.best) for r in records)]
-    tables = {r.run_id: clip_table(client, r, split) for r in records}
-    return Comparison(split, groups, metrics, tables)
+    c = Comparison(split, groups, [], {r.run_id: clip_table(client, r, split) for r in records})
+    c.metrics = [m for m in HEADLINE if any(c.seed_means(group, m) for group in groups)]
+    return c
 
 
 def report_rows(study: StudyConfig, comparison: Comparison) -> list[dict]:
@@ -233,9 +232,11 @@ def _cell(mean: float, se: float, sd: float | None = None) -> str:
     return text + (f" ({sd:.4f})" if sd is not None and not math.isnan(sd) else "")
 
 
-def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool = True) -> str:
-    """The report in markdown (records: the trials with results); see `report_rows`."""
-    c = compare(study, records)
+def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool = True,
+                    comparison: Comparison | None = None) -> str:
+    """The report in markdown (records: the trials with results, `comparison` theirs when the
+    caller has it: it downloads every trial's clip scores); see `report_rows`."""
+    c = comparison or compare(study, records)
     rows = report_rows(study, c)
     split_note = ("the test split, at the epoch each trial chose on the validation split" if c.split == "test" else
                   "the validation split, which also chose each trial's best epoch: optimistic (the cache has no "
@@ -294,7 +295,8 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
     return "\n".join(md) + "\n"
 
 
-def describe_study_run(study: StudyConfig, records: list[TrialRecord] | None = None) -> str:
+def describe_study_run(study: StudyConfig, records: list[TrialRecord] | None = None,
+                       comparison: Comparison | None = None) -> str:
     """Set the parent run's description (what the MLflow UI shows on its page): the best trial
     and the report table. Returns the markdown."""
     state = started_state(study)
@@ -303,32 +305,33 @@ def describe_study_run(study: StudyConfig, records: list[TrialRecord] | None = N
     lead = (f"**Best trial: `{best.name}`** ({best.trial}): {study.objective.metric} = "
             f"{best.best[study.objective.metric]:.4f} ({study.objective.mode}), run `{best.run_id}`."
             if best else "No trial has results yet.")
-    text = f"{study.description}\n\n{lead}\n\n{report_markdown(study, records, title=False)}".lstrip()
+    text = f"{study.description}\n\n{lead}\n\n{report_markdown(study, records, False, comparison)}".lstrip()
     MlflowClient(state["tracking_uri"]).set_tag(state["parent_run_id"], NOTE, text)
     return text
 
 
 def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
-    """A table like the paper's: per configuration, each metric as mean ± SE (SD) over validation
-    clips and seeds; markdown and CSV, logged to the study's parent run and set as its description."""
+    """The report (`report_rows`) as markdown and CSV, logged to the study's parent run and set as
+    its description."""
     state = started_state(study)
     records = [r for r in trial_records(study) if r.best]
     out_dir = Path(out_dir) if out_dir else _report_dir(study)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = report_rows(study, compare(study, records))
+    comparison = compare(study, records)
+    rows = report_rows(study, comparison)
     csv_path = out_dir / f"{study.name}_report.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["configuration"])
         writer.writeheader()
         writer.writerows(rows)
     md_path = out_dir / f"{study.name}_report.md"
-    md_path.write_text(report_markdown(study, records))
+    md_path.write_text(report_markdown(study, records, comparison=comparison))
     client = MlflowClient(state["tracking_uri"])
     for path in (md_path, csv_path):
         client.log_artifact(state["parent_run_id"], str(path), "report")
     for figure in _optuna_figures(study, out_dir):
         client.log_artifact(state["parent_run_id"], str(figure), "report")
-    describe_study_run(study, records)
+    describe_study_run(study, records, comparison)
     return md_path
 
 

@@ -116,6 +116,7 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
     if found is None:
         return None
     folder, metrics = found
+    best_epoch = int(metrics["epochs_done"]) - 1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         state = load_checkpoint((folder / STATE_FILE).download(tmp / STATE_FILE))
@@ -128,15 +129,15 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
             k for k in ("train_loss", "val_loss", "val_mss_mean", "val_rpa", "val_loudness_mae_db", "val_kl",
                         "val_active_units") if k in history[-1]]), "figures")
         model, cfg = model_from_checkpoint(best)
-        run.log_metrics(describe_cost(model, history), int(metrics["epochs_done"]) - 1)
-        log_clip_scores(run, model, cfg, tmp, int(metrics["epochs_done"]) - 1)
+        run.log_metrics(describe_cost(model, history), best_epoch)
+        log_clip_scores(run, model, cfg, tmp, best_epoch)
+        clips = ClipDataset(cfg.data.cache, "validation")
         try:  # the latent maps of a model with an encoder (none for the decoder stage)
-            for path in latent_figures(model, ClipDataset(cfg.data.cache, "validation"), tmp / "latent"):
+            for path in latent_figures(model, clips, tmp / "latent"):
                 run.log_artifact(path, "figures")
         except DataError as err:  # e.g. a validation split of one clip: the trial keeps its other artifacts
             run.tag(latent_figures_skipped=str(err)[:5000])
         if model.decoder is not None:
-            clips = ClipDataset(cfg.data.cache, "validation")
             with torch.no_grad(), seeded(0):
                 for i in range(min(N_AUDIO_SAMPLES, len(clips))):
                     clip = clips[i]
@@ -147,7 +148,7 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
                                                         f"validation clip {i}"), "figures")
                     run.log_artifact(write_wav(tmp / f"clip{i}_truth.wav", clip["audio"].numpy()), "audio")
                     run.log_artifact(write_wav(tmp / f"clip{i}_synth.wav", synth, limit_peak=True), "audio")
-    run.tag(best_epoch=int(metrics["epochs_done"]) - 1,
+    run.tag(best_epoch=best_epoch,
             **{f"best_{study.objective.metric}": metrics.get(study.objective.metric, math.nan)})
     return metrics
 
@@ -155,9 +156,11 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
 def describe_cost(model: torch.nn.Module, history: list[dict]) -> dict:
     """What a configuration costs: its parameters (in all and per top-level module) and the
     mean training seconds per epoch, so an ablation's report can say what it compared."""
-    out = {"n_parameters": sum(p.numel() for p in model.parameters())}
+    from diffcraft.models.sizing import count_parameters
+
+    out = {"n_parameters": count_parameters(model)}
     for name, module in model.named_children():
-        out[f"n_parameters_{name}"] = sum(p.numel() for p in module.parameters())
+        out[f"n_parameters_{name}"] = count_parameters(module)
     seconds = [m["epoch_seconds"] for m in history if "epoch_seconds" in m]
     if seconds:
         out["seconds_per_epoch"] = sum(seconds) / len(seconds)

@@ -17,7 +17,6 @@ from diffcraft.train.metrics import active_units, mean_se_sd
 from diffcraft.train.objective import VOICED, latent_kl_dims, loss_terms
 
 MAX_LATENT_FRAMES = 200_000  # posterior means kept for active units (a random subset beyond)
-CLIP_METRICS = ("mss", "f0_loss", "loudness_loss", "rpa", "rca", "loudness_mae_db", "kl", "shuffle_gap")
 MEAN_NAMES = {"mss": "mss_mean"}  # where a mean's metric name is not the score's own
 
 
