@@ -167,6 +167,10 @@ class TrialRun:
             self.log_epoch(metrics)
         return [m["epoch"] for m in missing]
 
+    def is_running(self) -> bool:
+        """Whether the run is still open (the driver ends it when Tune ends the trial)."""
+        return self.client.get_run(self.run_id).info.status == "RUNNING"
+
     def tag(self, **tags) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

@@ -203,17 +203,19 @@ def end_trial_run(study: StudyConfig, state: dict, trial, failed: bool = False) 
             log_trial_artifacts(run, study, trial.trial_id)
         except Exception as err:  # noqa: BLE001 - the run still ends; the tag says what is missing
             run.tag(artifacts_error=f"{type(err).__name__}: {err}"[:5000])
-    done = int(last.get("epochs_done", 0))
-    guard_stopped = bool(last.get("collapsed")) and study.collapse_guard.action == "stop" \
-        and done < study.run.train.epochs
+    decided_on = int(last.get("epochs_done", 0))  # the result Tune ended the trial on
+    # the worker does not wait for Tune's verdict: it may have trained and logged on meanwhile
+    done = max(decided_on, len(run.logged_epochs()))
+    epochs = study.run.train.epochs
+    guard_stopped = bool(last.get("collapsed")) and study.collapse_guard.action == "stop" and done < epochs
     if failed:
         status = "FAILED"
         run.tag(ended_by="error", **({} if "error" in found[0].data.tags else
                                     {"error": "the trial's process died (its node was lost or it was killed)"}))
-    elif done < study.run.train.epochs and not guard_stopped:
+    elif done < epochs and not guard_stopped:
         status = "KILLED"
-        run.tag(ended_by="scheduler", stopped_reason=f"stopped by the {study.scheduler.kind} scheduler after "
-                                                     f"{done} of {study.run.train.epochs} epochs")
+        run.tag(ended_by="scheduler", stopped_reason=f"stopped by the {study.scheduler.kind} scheduler on its "
+                                                     f"result of epoch {decided_on} of {epochs}")
     else:
         status = "FINISHED"
         if guard_stopped:

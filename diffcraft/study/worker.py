@@ -111,10 +111,15 @@ class RayTrainSession(Session):
                 (Path(folder) / METRICS_FILE).write_text(json.dumps(report))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            self.run.log_epoch(metrics)
-            if collapsed:
-                self.run.tag(collapsed="true")
-            stop = collapsed and self.study.collapse_guard.action == "stop"
+            if not self.run.is_running():
+                # Tune stopped the trial on an earlier result and its run is ended: its record stays as
+                # the driver closed it, and this worker, not yet told, stops
+                stop = True
+            else:
+                self.run.log_epoch(metrics)
+                if collapsed:
+                    self.run.tag(collapsed="true")
+                stop = collapsed and self.study.collapse_guard.action == "stop"
         return bool(self.share(1.0 if stop else 0.0))
 
     def weight_spread(self) -> float:
