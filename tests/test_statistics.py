@@ -65,7 +65,7 @@ def test_report_rows_compare_configurations_over_seeds_and_paired_clips():
     records = [record(run, {"core": run[:2]}, run[-1], float(np.mean(v)), float(np.mean(v)) + 0.5)
                for run, v in scores.items()]
     groups = {"core=g1": records[:2], "core=g2": records[2:]}
-    rows = report_rows(study, Comparison("test", groups, ["mss_mean"], tables))
+    rows = report_rows(study, Comparison("test", groups, tables))
     assert [r["configuration"] for r in rows] == ["core=g1", "core=g2"]  # best (lowest val_loss) first
     g2 = rows[1]
     seed_means = [np.mean(scores["g2s0"]), np.mean(scores["g2s1"])]

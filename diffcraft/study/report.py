@@ -6,6 +6,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -153,12 +154,16 @@ class Comparison:
     """A study's results, configuration by configuration, on the split a report cites."""
     split: str  # "test", or "validation" when a trial has no test scores
     groups: dict[str, list[TrialRecord]]  # configuration name -> its trials (one per seed)
-    metrics: list[str]  # the headline metrics present (HEADLINE names)
     tables: dict[str, dict[str, dict[str, float]]]  # run id -> {score: {clip: value}} on `split`
 
     @property
     def prefix(self) -> str:
         return "test_" if self.split == "test" else "val_"
+
+    @cached_property
+    def metrics(self) -> list[str]:
+        """The headline metrics (HEADLINE names) some trial reports on the split."""
+        return [m for m in HEADLINE if any(self.seed_means(group, m) for group in self.groups)]
 
     def seed_means(self, group: str, metric: str, prefix: str | None = None) -> list[float]:
         prefix = prefix or self.prefix
@@ -190,9 +195,7 @@ def compare(study: StudyConfig, records: list[TrialRecord]) -> Comparison:
     for r in records:
         params = {k: v for k, v in r.params.items() if k != "train.seed"}
         groups.setdefault(", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "base", []).append(r)
-    c = Comparison(split, groups, [], {r.run_id: clip_table(client, r, split) for r in records})
-    c.metrics = [m for m in HEADLINE if any(c.seed_means(group, m) for group in groups)]
-    return c
+    return Comparison(split, groups, {r.run_id: clip_table(client, r, split) for r in records})
 
 
 def report_rows(study: StudyConfig, comparison: Comparison) -> list[dict]:
@@ -276,12 +279,10 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
                "per frame, mean posterior sigma, and the z-shuffle gap (near 0: the decoders ignore z).", ""]
         md += head(present)
         for row in rows:
-            cells = []
-            for key in present:
-                values = [r.best[key] for r in c.groups[row["configuration"]] if key in r.best]
-                mean, se, _ = mean_of_means(values)
-                dims = [r.best["val_latent_dims"] for r in c.groups[row["configuration"]] if "val_latent_dims" in r.best]
-                cells.append(_cell(mean, se) + (f" / {dims[0]:.0f}" if key == "val_active_units" and dims else ""))
+            trials = c.groups[row["configuration"]]
+            dims = next((f" / {r.best['val_latent_dims']:.0f}" for r in trials if "val_latent_dims" in r.best), "")
+            cells = [_cell(*mean_of_means([r.best[key] for r in trials if key in r.best])[:2])
+                     + (dims if key == "val_active_units" else "") for key in present]
             md.append(f"| {row['configuration']} | " + " | ".join(cells) + " |")
     if len(rows) > 1:
         md += ["", f"## Paired differences to the best configuration ({rows[0]['configuration']})", "",
