@@ -64,16 +64,20 @@ def test_fused_causal_conv_equals_conv1d_in_value_and_gradients(length):
     assert torch.allclose(bias.grad, conv.bias.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_mamba_module_fused_equals_reference_path():
+@pytest.mark.parametrize("impl", ["fused", "triton"])  # triton: compiled on a GPU, else interpreted on CPU
+def test_mamba_module_on_a_kernel_equals_reference_path(impl):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(1)
-    fused, plain = Mamba(32), Mamba(32, impl="reference")
-    plain.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 40, 32)
-    a, b = fused(x), plain(x)
+    kernel, plain = Mamba(32, impl=impl).to(device), Mamba(32, impl="reference").to(device)
+    plain.load_state_dict(kernel.state_dict())
+    x = torch.randn(2, 21 if impl == "triton" else 40, 32, device=device)  # the interpreter is slow
+    a, b = kernel(x), plain(x)
     assert torch.allclose(a, b, atol=1e-5)
     a.square().sum().backward()
     b.square().sum().backward()
-    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+    for (name, p), q in zip(kernel.named_parameters(), plain.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4), name
 
 

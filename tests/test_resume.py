@@ -1,11 +1,13 @@
 """A resumed run draws exactly what the uninterrupted run draws: the same clips per epoch, the same
 noise, the same learning rates, the same weights at the end; evaluation leaves the training
 streams alone."""
+import pytest
 import torch
 
-from diffcraft.train.checkpoint import load_checkpoint
+from diffcraft.train.checkpoint import load_checkpoint, set_rng_state
 from diffcraft.train.evaluate import seeded
-from diffcraft.train.loop import train
+from diffcraft.train.loop import start, train
+from diffcraft.train.session import LocalSession
 from tests.conftest import tiny_run_config
 
 
@@ -56,3 +58,40 @@ def test_seeded_draws_repeat_and_leave_the_callers_stream_untouched():
         second = torch.rand(3)
     assert torch.equal(first, second)
     assert torch.equal(torch.rand(4), expected_next)
+
+
+class OtherDeviceSession(LocalSession):
+    """A run whose device is not the CPU (meta: tensors without data, enough to see where each lands)."""
+
+    def __init__(self, run_dir):
+        super().__init__(run_dir, torch.device("meta"))
+
+
+def tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+
+
+def test_a_checkpoint_restores_to_the_cpu_whatever_device_the_run_is_on(synth_cache, tmp_path):
+    """A GPU run could not resume: its checkpoint was loaded onto the GPU, RNG states included."""
+    train(tiny_run_config(synth_cache, tmp_path), progress=False)
+    state = OtherDeviceSession(tmp_path / "tiny").restore()
+    assert {t.device.type for t in tensors_in(state)} == {"cpu"}
+    set_rng_state(state["rng"], torch.device("meta"))  # a CPU byte tensor, as torch wants it
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_a_resumed_run_moves_its_model_before_loading_the_optimizer_state(synth_cache, tmp_path):
+    """The optimizer's moments follow the weights onto the run's device: none is left behind."""
+    train(tiny_run_config(synth_cache, tmp_path), progress=False)
+    run = start(tiny_run_config(synth_cache, tmp_path, epochs=3), OtherDeviceSession(tmp_path / "tiny"))
+    assert run.start_epoch == 2
+    assert {p.device.type for p in run.model.parameters()} == {"meta"}
+    moments = [t for s in run.optimizer.state.values() for k, t in s.items() if k != "step"]
+    assert moments and {t.device.type for t in moments} == {"meta"}

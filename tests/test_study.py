@@ -54,6 +54,8 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
         assert run.info.status == "FINISHED"
         for tag in ("study", "trial_id", "seed", "config_hash", "code_version"):
             assert run.data.tags[tag]
+        # the Mamba scan that ran: numba's kernels on a CPU worker, none for a GRU
+        assert run.data.tags["scan"] == ("fused" if run.data.params["model.decoder.core"] == "mamba" else "none")
         history = client.get_metric_history(run.info.run_id, "val_mss_mean")
         assert [m.step for m in history] == [0, 1]
         assert "train_mss" in run.data.metrics and "val_mss_sd" in run.data.metrics

@@ -133,6 +133,13 @@ def _cepstral_bases(n_keys: int, n_coeffs: int) -> tuple[np.ndarray, np.ndarray]
     return dct.astype(np.float32), dst.astype(np.float32)
 
 
+@lru_cache(maxsize=8)
+def _pccc_matrices(n_coeffs: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The key filters and the DCT and DST bases, copied to `device` once: a copy from host memory
+    in every training step would make the host wait for the GPU each time."""
+    return tuple(torch.as_tensor(m, device=device) for m in (piano_filterbank(), *_cepstral_bases(N_KEYS, n_coeffs)))
+
+
 def pccc(audio, n_coeffs: int = PCCC_COEFFS, eps: float = 1e-5) -> torch.Tensor:
     """Piano Complex Cepstral Coefficients: [batch, n_samples] -> [batch, 400, 2 * n_coeffs].
 
@@ -142,12 +149,10 @@ def pccc(audio, n_coeffs: int = PCCC_COEFFS, eps: float = 1e-5) -> torch.Tensor:
     imaginary part are concatenated. The DST's first coefficient is zero by the paper's formula.
     """
     audio, squeeze = _batched(audio)
-    device = audio.device
     spec = stft(audio)
-    bank = torch.as_tensor(piano_filterbank(), device=device)
+    bank, dct, dst = _pccc_matrices(n_coeffs, str(audio.device))
     filtered = torch.complex(spec.real @ bank.T, spec.imag @ bank.T)
     log_mag = torch.log(filtered.abs().clamp_min(eps))
     phase = torch.angle(filtered)
-    dct, dst = (torch.as_tensor(b, device=device) for b in _cepstral_bases(N_KEYS, n_coeffs))
     out = torch.cat([log_mag @ dct, phase @ dst], dim=-1)
     return out[0] if squeeze else out

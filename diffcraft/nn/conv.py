@@ -113,7 +113,9 @@ class _FusedCPUConvSiLU(torch.autograd.Function):
 
 
 def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The same function as a sum of shifted products in PyTorch, for tests and any device."""
+    """The same function as a sum of shifted products in PyTorch, for tests and any device; in x's
+    dtype (under autocast, the projection's bfloat16)."""
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
     taps = weight.shape[-1]
     padded = F.pad(x, (0, 0, taps - 1, 0))
     length = x.shape[1]

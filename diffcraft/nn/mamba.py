@@ -1,6 +1,7 @@
 """Mamba (selective state space) block, parameter for parameter the layout of `mamba_ssm.Mamba`,
-so state dicts move between the two. The scan runs on mamba_ssm's kernel on CUDA when available;
-on CPU the short convolution and the scan run on fused numba kernels (`nn.conv`, `nn.scan`)."""
+so state dicts move between the two. The scan runs on mamba_ssm's kernel on CUDA when available,
+else on diffcraft's Triton kernel; on CPU the short convolution and the scan run on fused numba
+kernels (`nn.conv`, `nn.scan`)."""
 from __future__ import annotations
 
 import math
@@ -14,8 +15,9 @@ from diffcraft.nn.scan import selective_scan
 
 
 class Mamba(nn.Module):
-    """[batch, L, d_model] -> [batch, L, d_model]. Defaults are mamba_ssm's. `impl` picks the
-    kernels: auto (by device) | fused (numba, CPU) | reference (plain PyTorch) | mamba_ssm."""
+    """[batch, L, d_model] -> [batch, L, d_model]. Defaults are mamba_ssm's. `impl` picks the scan
+    (`nn.scan.SCANS`): auto (the process's choice, by device) | mamba_ssm | triton | fused (numba,
+    CPU) | reference (plain PyTorch)."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
@@ -47,7 +49,7 @@ class Mamba(nn.Module):
         biases = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
         x, z = (F.linear(hidden, w, b) for w, b in zip(self.in_proj.weight.chunk(2), biases))
         bias = self.conv1d.bias if self.conv1d.bias is not None else x.new_zeros(self.d_inner)
-        conv_impl = "reference" if self.impl in ("reference", "mamba_ssm") else self.impl
+        conv_impl = "reference" if self.impl == "reference" else "auto"
         x = causal_conv_silu(x, self.conv1d.weight, bias, conv_impl)
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], -1)
         delta = dt @ self.dt_proj.weight.T

@@ -1,7 +1,9 @@
 """The selective scan of Mamba: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = <h_t, C_t>.
 
-Three implementations of one function, chosen by device:
+Four implementations of one function (`SCANS`), chosen by device unless named (`train.scan`):
 - CUDA with mamba_ssm importable: its fused kernel (`selective_scan_fn`).
+- CUDA without it: diffcraft's Triton kernels (`nn.scan_triton`), the same fusion as below; Triton
+  comes with torch's CUDA builds, so a GPU user compiles nothing.
 - CPU: fused numba kernels (the Δ bias and softplus, the scan, the D skip and the SiLU gate in
   one pass; exp and softplus by vectorised polynomials), one job per (batch item, block of 128 channels), vectorised over the
   channels of the block, in the [batch, L, channels] layout the projections produce (no
@@ -9,10 +11,19 @@ Three implementations of one function, chosen by device:
   chunk's states and runs the adjoint recurrence backwards, so no [batch, L, channels, state]
   tensor is ever built.
 - `selective_scan_reference`: the plain step-by-step recurrence in PyTorch (the mamba_ssm
-  `selective_scan_ref` math), for tests and any other device. It unbinds the sequence instead of
-  indexing one step at a time, which made backward about 400x slower.
+  `selective_scan_ref` math), for tests and any other device; about 20x slower than a kernel on a
+  GPU. It unbinds the sequence instead of indexing one step at a time, which made backward about
+  400x slower.
+
+The scan in use is said once per process (stderr) and recorded on every run. The mamba_ssm and
+Triton kernels receive one dtype for u, Δ, z, B and C (`kernel_dtype`), whatever autocast produced.
 """
 from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+from typing import Literal
 
 import numba
 import numpy as np
@@ -27,6 +38,7 @@ from diffcraft.numba_support import (
     fast_softplus,
     use_torch_threads,
 )
+from diffcraft.errors import ConfigError
 
 CHUNK = 16  # time steps between stored states
 
@@ -217,33 +229,113 @@ def selective_scan_reference(u, delta, A, Bm, Cm) -> torch.Tensor:
     return torch.stack(ys, dim=1)
 
 
-def _mamba_ssm_scan():
+SCANS = ("auto", "mamba_ssm", "triton", "fused", "reference")  # what `train.scan` may name
+ScanName = Literal["auto", "mamba_ssm", "triton", "fused", "reference"]
+_preferred: list[str] = ["auto"]  # the process's choice (`use_scan`); modules built with impl="auto" follow it
+_announced: set[tuple[str, str]] = set()
+
+
+def use_scan(name: str) -> None:
+    """Make `name` the scan every Mamba block with impl="auto" runs in this process (like torch's
+    backend switches: the scan is a property of the machine, not of the model's weights)."""
+    if name not in SCANS:
+        raise ConfigError(f"scan {name!r} is not one of {list(SCANS)}")
+    _preferred[0] = name
+
+
+@lru_cache(maxsize=None)
+def _import_error(module: str) -> str | None:
+    """None when `module` (with its compiled kernels) imports, else the reason, on one line."""
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # not installed, or installed without its CUDA build
-        return None
-    return selective_scan_fn
+        if module == "mamba_ssm":
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+            import selective_scan_cuda  # noqa: F401  (the compiled kernel itself)
+        else:
+            import triton  # noqa: F401
+    except Exception as err:  # not installed, installed without its CUDA build, or built for another torch
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    return None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_scan(requested: str, device: torch.device | str) -> tuple[str, str]:
+    """(the scan that runs on `device`, why): auto picks mamba_ssm's kernel, else the Triton kernel on
+    CUDA, the numba kernels on CPU and the plain loop elsewhere. A scan asked for by name that cannot
+    run here raises ConfigError with the reason (the import error, or the device)."""
+    requested = _preferred[0] if requested == "auto" else requested
+    kind = torch.device(device).type
+    if requested == "auto":
+        if kind == "cpu":
+            return "fused", "numba kernels on CPU"
+        if kind != "cuda":
+            return "reference", f"no kernel for {kind}: the plain PyTorch loop"
+        if _import_error("mamba_ssm") is None:
+            return "mamba_ssm", "mamba_ssm's CUDA kernel"
+        if _import_error("triton") is None:
+            return "triton", f"diffcraft's Triton kernel (mamba_ssm not importable: {_import_error('mamba_ssm')})"
+        return "reference", (f"the plain PyTorch loop, about 20x slower: neither mamba_ssm "
+                             f"({_import_error('mamba_ssm')}) nor triton ({_import_error('triton')}) imports")
+    if requested not in SCANS:
+        raise ConfigError(f"scan {requested!r} is not one of {list(SCANS)}")
+    if requested == "mamba_ssm" and _import_error("mamba_ssm"):
+        raise ConfigError(f"scan 'mamba_ssm' was asked for but cannot be imported ({_import_error('mamba_ssm')}); "
+                          f"install the gpu extra (pip install -e '.[gpu]') or use scan 'auto'")
+    if requested == "triton" and _import_error("triton"):
+        raise ConfigError(f"scan 'triton' was asked for but cannot be imported ({_import_error('triton')})")
+    runs_on = {"mamba_ssm": ("cuda",), "triton": ("cuda", "cpu") if _interpreted() else ("cuda",),
+               "fused": ("cpu",)}.get(requested)
+    if runs_on and kind not in runs_on:
+        raise ConfigError(f"scan {requested!r} runs on {' or '.join(runs_on)}, not on {kind}")
+    return requested, "asked for by name"
+
+
+def announce_scan(device: torch.device | str, requested: str = "auto") -> str:
+    """The scan that runs on `device`, said once per process and device type (stderr)."""
+    name, why = resolve_scan(requested, device)
+    key = (torch.device(device).type, name)
+    if key not in _announced:
+        _announced.add(key)
+        print(f"diffcraft: Mamba scan on {key[0]}: {name} ({why})", file=sys.stderr)
+    return name
+
+
+def kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The one dtype a kernel receives: autocast's when it is on (its outputs are mixed: a
+    convolution promoted to float32 beside bfloat16 projections), else the inputs' common type."""
+    kind = tensors[0].device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, impl: str = "auto") -> torch.Tensor:
     """Mamba's scan with its skip and gate: SiLU(z) * (scan(u, softplus(delta + bias)) + D u).
 
     u, delta, z: [batch, L, d_inner]; A: [d_inner, N]; Bm, Cm: [batch, L, N]; D, delta_bias:
-    [d_inner] -> [batch, L, d_inner]. impl: auto | fused | reference | mamba_ssm.
+    [d_inner] -> [batch, L, d_inner]. impl: one of SCANS (auto: the process's choice, by device).
     """
-    if impl == "auto":
-        if u.is_cuda and _mamba_ssm_scan() is not None:
-            impl = "mamba_ssm"
-        else:
-            impl = "fused" if u.device.type == "cpu" else "reference"
+    impl = announce_scan(u.device, impl)
+    if impl in ("mamba_ssm", "triton"):
+        dtype = kernel_dtype(u, delta, z, Bm, Cm)
+        u, delta, z, Bm, Cm = (t.to(dtype) for t in (u, delta, z, Bm, Cm))
     if impl == "mamba_ssm":  # its kernel takes [batch, d_inner, L] and [batch, N, L]
-        y = _mamba_ssm_scan()(u.transpose(1, 2), delta.transpose(1, 2), A,
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        y = selective_scan_fn(u.transpose(1, 2), delta.transpose(1, 2), A.float(),
                               Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous(),
                               D.float(), z.transpose(1, 2), delta_bias.float(), delta_softplus=True)
         return y.transpose(1, 2)
+    if impl == "triton":
+        from diffcraft.nn.scan_triton import TritonScan
+
+        return TritonScan.apply(u, delta, delta_bias, A, Bm, Cm, D, z)
     if impl == "fused":
         return _FusedCPUScan.apply(u, delta, delta_bias, A, Bm, Cm, D, z)
-    if impl != "reference":
-        raise ValueError(f"scan implementation {impl!r} is not auto, fused, reference or mamba_ssm")
     delta = F.softplus(delta + delta_bias)
     return (selective_scan_reference(u, delta, A, Bm, Cm) + u * D) * F.silu(z)

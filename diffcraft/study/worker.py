@@ -68,6 +68,10 @@ class RayTrainSession(Session):
         if run is not None:  # where this attempt trains (a restarted trial may move to another node)
             run.tag(train_node=ray.get_runtime_context().get_node_id())
 
+    def record(self, **tags: str) -> None:
+        if self.run is not None:
+            self.run.tag(**tags)
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
@@ -82,7 +86,7 @@ class RayTrainSession(Session):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / STATE_FILE, str(self.device))
+            state = load_checkpoint(Path(folder) / STATE_FILE)
         if self.run is not None:
             self.run.log_missing_epochs(state["history"])
         collapsed = self.guard.collapsed(state["history"])

@@ -4,6 +4,10 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, save
 into a temporary file in the same folder, fsynced, then renamed over the target: a kill leaves
 the previous checkpoint intact. Loading uses `weights_only=True`, which refuses any pickled
 object that is not plain data, so a crafted file cannot run code.
+
+Checkpoints always load to the CPU, whatever device wrote them or will train on: the RNG states
+must stay CPU byte tensors, and the model moves to its device before its optimizer's state is
+loaded (`train.loop.start`), so nothing is mixed across devices after a resume.
 """
 from __future__ import annotations
 
@@ -36,14 +40,14 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
-    """The checkpoint dict; CheckpointError names the file if it is missing, corrupt, not ours,
-    or holds anything but plain data."""
+def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict, every tensor on the CPU; CheckpointError names the file if it is
+    missing, corrupt, not ours, or holds anything but plain data."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: refused, it holds more than plain data and loading it could "
@@ -62,7 +66,7 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu"):
     from diffcraft.models.autoencoder import DiffCraft
     from diffcraft.train.config import RunConfig
 
-    state = load_checkpoint(path, device)
+    state = load_checkpoint(path)
     try:
         cfg = from_dict(RunConfig, state["config"])
     except (ConfigError, KeyError) as err:
@@ -132,17 +136,27 @@ def describe_init(report: dict[str, dict]) -> str:
     return "\n".join(["initial weights:", *lines])
 
 
-def rng_state() -> dict:
-    """Every RNG stream a run draws from: torch's CPU generator and, on a GPU, CUDA's."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every RNG stream a run draws from: torch's CPU generator and, for a run on a GPU, that
+    GPU's generator (CPU byte tensors both, as torch hands them out)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict | torch.Tensor, device: torch.device | None = None) -> None:
+    """Restore what `rng_state` saved: the CPU stream, and the GPU stream on `device` when the run
+    trains on one (older checkpoints kept one state per visible GPU: the device's own is taken)."""
     if isinstance(state, torch.Tensor):  # checkpoints before the CUDA streams were kept
         state = {"cpu": state}
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["cpu"].cpu())
+    cuda = state.get("cuda")
+    if cuda is None or device is None or torch.device(device).type != "cuda":
+        return
+    device = torch.device(device)
+    if isinstance(cuda, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), device)

@@ -8,6 +8,7 @@ from typing import Literal
 from diffcraft.typed_yaml import apply_overrides, from_dict, load_yaml
 from diffcraft.errors import ConfigError
 from diffcraft.models.autoencoder import ModelConfig
+from diffcraft.nn.scan import ScanName
 
 
 @dataclass
@@ -16,15 +17,17 @@ class DataConfig:
     batch_size: int = 16  # clips per optimiser step, over all data-parallel workers
     clips_per_epoch: int = 0  # training clips drawn per epoch (0: every training clip once)
     validation_clips: int = 0  # validation clips evaluated each epoch (0: all)
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = -1  # DataLoader worker processes (-1: 2 on a GPU, where loading overlaps the step; 0 on CPU)
 
     def validate(self, where: str = "") -> None:
         p = f"{where}." if where else ""
         if self.batch_size < 1:
             raise ConfigError(f"{p}batch_size: {self.batch_size} must be at least 1")
-        for name in ("clips_per_epoch", "validation_clips", "num_workers"):
+        for name in ("clips_per_epoch", "validation_clips"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{p}{name}: {getattr(self, name)} must not be negative")
+        if self.num_workers < -1:
+            raise ConfigError(f"{p}num_workers: {self.num_workers} must be -1 (automatic) or more")
 
 
 @dataclass
@@ -68,6 +71,8 @@ class TrainConfig:
     init_from: str | list[str] = ""  # checkpoint(s) whose matching weights start this run, one per module
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the networks; synthesis and loss stay fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"  # a standalone run's device (study trials: Ray Train's)
+    scan: ScanName = "auto"  # Mamba's scan kernel (auto: mamba_ssm, else Triton on CUDA; numba on CPU)
+    tf32: bool = True  # CUDA: TensorFloat-32 matrix products and convolutions in fp32 runs (off: exact fp32)
     threads: int = 0  # torch CPU threads (0: leave as is)
 
     def validate(self, where: str = "") -> None:

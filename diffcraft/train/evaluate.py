@@ -31,14 +31,17 @@ def seeded(seed: int = 0):
         yield
 
 
-def _shuffle_gap(model, out: dict, terms: dict, batch: dict, mss_fn) -> torch.Tensor | None:
+def _shuffle_gap(model, out: dict, terms: dict, batch: dict, mss_fn, autocast) -> torch.Tensor | None:
     """Per clip: supervised F0 + loudness loss with z rolled across the batch, minus the loss with
-    its own z (`terms`, already measured): about 0 when the decoders ignore z, whatever the KL says."""
+    its own z (`terms`, already measured): about 0 when the decoders ignore z, whatever the KL says.
+    The decoders run under the same autocast as the forward pass that made z."""
     if batch["audio"].shape[0] < 2:
         return None
     encoder = model.encoder
     shuffled = {name: {**head, "z": head["z"].roll(1, dims=0)} for name, head in out["latents"].items()}
-    other = loss_terms(encoder.decode(*encoder.split(shuffled)) | {"latents": {}}, batch, mss_fn, per_example=True)
+    with autocast():
+        decoded = encoder.decode(*encoder.split(shuffled))
+    other = loss_terms(decoded | {"latents": {}}, batch, mss_fn, per_example=True)
     return other["f0_loss"] + other["loudness_loss"] - terms["f0_loss"] - terms["loudness_loss"]
 
 
@@ -61,7 +64,7 @@ def clip_scores(model, loader, mss_fn, device, autocast) -> tuple[dict[str, torc
 
     with torch.no_grad(), seeded(0):
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast():
                 out = model(batch["audio"], batch["f0_hz"], batch["loudness_db"])
             terms = loss_terms(out, batch, mss_fn, per_example=True)
@@ -83,7 +86,7 @@ def clip_scores(model, loader, mss_fn, device, autocast) -> tuple[dict[str, torc
                 add("kl", sum(kl_terms(h["mu"].float(), h["logvar"].float()).mean(1).sum(-1) for h in heads).cpu())
                 kls.append(latent_kl_dims(out["latents"]).cpu())
                 sigmas.append(torch.cat([torch.exp(0.5 * h["logvar"]).mean().reshape(1) for h in heads]).mean())
-            gap = _shuffle_gap(model, out, terms, batch, mss_fn)  # none for a batch of one clip: nan keeps
+            gap = _shuffle_gap(model, out, terms, batch, mss_fn, autocast)  # none for a batch of one clip: nan keeps
             add("shuffle_gap", gap.float().cpu() if gap is not None else [float("nan")])  # clips aligned
     model.train()
     latent: dict = {}

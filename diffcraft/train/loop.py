@@ -24,6 +24,8 @@ from diffcraft import CLIP_SAMPLES, SAMPLE_RATE
 from diffcraft.errors import CheckpointError
 from diffcraft.losses import MultiScaleSpectralLoss
 from diffcraft.models.autoencoder import DiffCraft
+from diffcraft.nn.mamba import Mamba
+from diffcraft.nn.scan import announce_scan, use_scan
 from diffcraft.train.checkpoint import describe_init, init_weights, rng_state, set_rng_state
 from diffcraft.train.config import RunConfig
 from diffcraft.train.data import make_loaders
@@ -34,6 +36,8 @@ from diffcraft.train.session import LocalSession, Session, resolve_device
 
 __all__ = ["TrainResult", "describe_epoch", "make_autocast", "train"]
 
+CHECK_EVERY = 50  # steps between looks at the losses (each look waits for the GPU; so does the end of an epoch)
+
 
 @dataclass
 class TrainResult:
@@ -43,6 +47,7 @@ class TrainResult:
     best: dict = field(default_factory=dict)
     step: int = 0
     init_report: dict = field(default_factory=dict)  # module -> {'from', 'loaded', 'of'} (`init_weights`)
+    scan: str = "none"  # Mamba's scan kernel in this run (`nn.scan.SCANS`), or none without a Mamba core
 
     def describe(self) -> str:
         return (f"{len(self.history)} epochs, {self.step} steps; best {describe_epoch(self.best)}; "
@@ -91,18 +96,39 @@ class Run:
         return make_autocast(self.session.device, self.cfg.train.precision)
 
 
-def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss", "min"),
-          progress: bool = False) -> Run:
-    """Build the run; continue from the session's last commit when there is one."""
+def configure_device(cfg: RunConfig, device: torch.device) -> None:
+    """Process-wide settings for training on `device`: CPU threads; on CUDA, TF32 (`train.tf32`)
+    and cuDNN's autotuner (a run's shapes never change)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.benchmark = True
+
+
+def scan_in_use(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> str:
+    """The Mamba scan the model runs on `device` (said once per process), or none without Mamba."""
+    use_scan(cfg.train.scan)
+    if not any(isinstance(m, Mamba) for m in model.modules()):
+        return "none"
+    return announce_scan(device)
+
+
+def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss", "min"),
+          progress: bool = False) -> Run:
+    """Build the run on the session's device; continue from the session's last commit when there is one."""
+    device = session.device
+    configure_device(cfg, device)
     torch.manual_seed(cfg.train.seed + 7919 * session.rank)  # distinct noise and dropout per rank
-    model = DiffCraft(cfg.model)
+    model = DiffCraft(cfg.model).to(device)  # before the optimizer: its restored state follows the weights
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     schedule = LRSchedule(cfg.train, optimizer, select[1])
-    train_loader, val_loader = make_loaders(cfg, session.rank, session.world)
+    train_loader, val_loader = make_loaders(cfg, session.rank, session.world, device)
     run = Run(cfg, session, model, model, optimizer, schedule, train_loader, val_loader, select,
               TrainResult(session.describe(), getattr(session, "run_dir", None)))
+    run.result.scan = scan_in_use(model, cfg, device)
+    session.record(scan=run.result.scan)
     state = session.restore()
     if state is not None:
         try:
@@ -112,7 +138,7 @@ def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{session.describe()}: the last checkpoint does not fit this run's config, so "
                                   f"it cannot be resumed ({str(err).splitlines()[0]}); use another run folder") from None
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
         run.result.history, run.result.best, run.result.step = state["history"], state["best"], state["step"]
         run.result.init_report = state.get("init_report", {})
         run.start_epoch = cfg.train.epochs if state.get("stopped") else state["epoch"] + 1
@@ -126,39 +152,61 @@ def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss
     return run
 
 
+def _first_nonfinite(losses: torch.Tensor, first_step: int, epoch: int) -> None:
+    """FloatingPointError naming the first step whose training loss is not finite, if any."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise FloatingPointError(f"epoch {epoch}, step {first_step + i}: training loss is {losses[i].item()}")
+
+
+def train_step(run: Run, batch: dict, beta: float) -> tuple[torch.Tensor, list[str]]:
+    """One optimiser step on a batch already on the device: ([loss, *terms] as one tensor that
+    stays on the device, their metric names). Nothing here waits for the GPU."""
+    cfg = run.cfg
+    with run.autocast():
+        out = run.net(batch["audio"], batch["f0_hz"], batch["loudness_db"])
+    terms = loss_terms(out, batch, run.mss_fn)
+    loss = total_loss(terms, cfg, beta)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+    run.optimizer.step()
+    run.result.step += 1
+    names = ["train_loss", *("train_kl" if n == "kl_per_dim" else f"train_{n}" for n in terms)]
+    return torch.stack([loss.detach().float(), *(v.detach().float().sum() for v in terms.values())]), names
+
+
 def train_epoch(run: Run, epoch: int, progress: bool = False) -> tuple[dict, int, float]:
-    """One pass over this rank's shard: (summed training terms, steps, seconds)."""
+    """One pass over this rank's shard: (summed training terms, steps, seconds). The steps' values
+    stay on the device; the host reads them every CHECK_EVERY steps and at the end of the epoch."""
     cfg, device = run.cfg, run.session.device
     total_steps = cfg.train.epochs * len(run.train_loader)
     run.train_loader.sampler.set_epoch(epoch)
     run.net.train()
-    started, sums, n_steps = time.time(), {}, 0
+    started, rows, betas, first_step = time.time(), [], [], run.result.step
     bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
                disable=not progress, leave=False)
     for batch in bar:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         run.schedule.before_step(run.result.step, epoch)
         beta = beta_at(cfg.loss, run.result.step, total_steps)
-        with run.autocast():
-            out = run.net(batch["audio"], batch["f0_hz"], batch["loudness_db"])
-        terms = loss_terms(out, batch, run.mss_fn)
-        loss = total_loss(terms, cfg, beta)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"epoch {epoch}, step {run.result.step}: training loss is {loss.item()}")
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
-        run.optimizer.step()
-        run.result.step += 1
-        n_steps += 1
-        logged = {"train_loss": loss.item(), **({"beta": beta} if run.model.is_vae else {})}
-        for name, value in terms.items():
-            logged["train_kl" if name == "kl_per_dim" else f"train_{name}"] = float(value.detach().sum())
-        for key, value in logged.items():
-            sums[key] = sums.get(key, 0.0) + value
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return sums, n_steps, time.time() - started
+        row, names = train_step(run, batch, beta)
+        rows.append(row)
+        betas.append(beta)
+        if len(rows) % CHECK_EVERY == 0:
+            _first_nonfinite(torch.stack(rows[-CHECK_EVERY:])[:, 0].cpu(), run.result.step - CHECK_EVERY, epoch)
+        if progress and len(rows) % 10 == 0:
+            bar.set_postfix(loss=f"{rows[-1][0].item():.3f}")
+    if not rows:
+        return {}, 0, time.time() - started
+    table = torch.stack(rows).cpu()  # [steps, 1 + terms]: the epoch's values, read at once
+    _first_nonfinite(table[:, 0], first_step, epoch)
+    sums = dict(zip(names, table.double().sum(0).tolist()))
+    if run.model.is_vae:
+        sums["beta"] = float(sum(betas))
+    return sums, len(rows), time.time() - started
 
 
 def epoch_metrics(run: Run, epoch: int, sums: dict, n_steps: int, seconds: float) -> dict:
@@ -192,7 +240,8 @@ def commit(run: Run, epoch: int, metrics: dict | None) -> bool:
         run.result.best = dict(metrics)
     state = {"config": asdict(run.cfg), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "epoch": epoch, "step": run.result.step, "history": run.result.history, "best": run.result.best,
-             "rng": rng_state(), "lr_schedule": run.schedule.state_dict(), "init_report": run.result.init_report}
+             "rng": rng_state(run.session.device), "lr_schedule": run.schedule.state_dict(),
+             "init_report": run.result.init_report, "scan": run.result.scan}
     return run.session.commit(state, metrics, improved)
 
 

@@ -36,14 +36,17 @@ class Session:
         return model.to(self.device)
 
     def restore(self) -> dict | None:
-        """The state of the last committed epoch (`stopped` set when the run must not go on), or
-        None for a fresh run."""
+        """The state of the last committed epoch, on the CPU (`stopped` set when the run must not
+        go on), or None for a fresh run."""
         return None
 
     def commit(self, state: dict | None, metrics: dict, improved: bool) -> bool:
         """Persist an epoch (rank 0 passes the state and metrics; other ranks None and {}) and
         return whether the run stops here, the same answer on every rank."""
         return False
+
+    def record(self, **tags: str) -> None:
+        """Note facts about how the run trains (e.g. the Mamba scan in use) where its record lives."""
 
     def share(self, value: float) -> float:
         """Rank 0's value, on every rank (a collective: every rank calls it)."""
@@ -66,7 +69,7 @@ class LocalSession(Session):
 
     def restore(self) -> dict | None:
         last = self.checkpoints / "last.pt"
-        return load_checkpoint(last, str(self.device)) if last.is_file() else None
+        return load_checkpoint(last) if last.is_file() else None
 
     def commit(self, state: dict | None, metrics: dict, improved: bool) -> bool:
         if improved:
