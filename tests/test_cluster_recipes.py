@@ -126,8 +126,41 @@ def test_images_install_the_ray_and_python_that_pyproject_pins():
     assert gpu_from.startswith("nvidia/cuda:") and "-devel-" in gpu_from, "mamba-ssm is compiled: a CUDA devel image"
     assert ubuntu_python(gpu_from) == IMAGE_ARGS["gpu"]["PYTHON_VERSION"], gpu_from
     gpu_text = dockerfile("gpu")[2]
-    assert '"/opt/diffcraft[gpu]"' in gpu_text and "--no-build-isolation" in gpu_text
+    assert "bash /opt/build/build-mamba-ssm.sh" in gpu_text and 'MAMBA_CUDA_ARCHS="${MAMBA_CUDA_ARCHS}"' in gpu_text
+    assert "import torch, selective_scan_cuda" in (CLUSTER / "docker" / "build-mamba-ssm.sh").read_text(), \
+        "the mamba-ssm build must fail unless its kernel imports"
     assert "download.pytorch.org/whl/cpu" in dockerfile("cpu")[2], "the CPU image keeps torch's CPU build"
+
+
+GPU_ARCHS = {"gpu-a100": "80", "gpu-l4": "89", "gpu-h100": "90"}  # KubeRay components -> compute capability
+
+
+def test_the_gpu_image_compiles_mamba_ssm_for_every_gpu_the_recipes_use():
+    components = {p.name for p in (CLUSTER / "kuberay" / "components").glob("gpu-*")}
+    assert components == set(GPU_ARCHS), f"a GPU component without a known architecture: {components}"
+    default = IMAGE_ARGS["gpu"]["MAMBA_CUDA_ARCHS"].split(";")
+    assert set(GPU_ARCHS.values()) <= set(default), default
+    ignored = (CLUSTER / "docker" / "gpu.Dockerfile.dockerignore").read_text().splitlines()
+    for script in ("build-mamba-ssm.sh", "mamba_ssm_archs.py"):
+        assert f"!cluster/docker/{script}" in ignored, f"{script} is not sent to the GPU image's build"
+
+
+def test_mamba_ssm_builds_only_the_architectures_named():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mamba_ssm_archs", CLUSTER / "docker" / "mamba_ssm_archs.py")
+    archs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archs)
+    setup_py = ('if True:  # the shape of its CUDA branch\n    cc_flag = []\n    cc_flag.append("-gencode")\n'
+                '    cc_flag.append("arch=compute_75,code=sm_75")\n'
+                "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI is set to be the same as\n")
+    scope: dict = {}
+    exec(archs.with_archs(setup_py, "80;90"), scope)
+    assert scope["cc_flag"] == ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+    with pytest.raises(ValueError, match="layout of mamba-ssm"):
+        archs.with_archs("cc_flag = []\n", "90")
+    with pytest.raises(ValueError, match="without the dot"):
+        archs.with_archs(setup_py, "9.0")
 
 
 def test_the_mlflow_image_installs_an_mlflow_that_pyproject_accepts():

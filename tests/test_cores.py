@@ -44,15 +44,16 @@ def test_fused_scan_equals_step_by_step_recurrence_in_value_and_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["fused", "conv1d"])
 @pytest.mark.parametrize("length", [2, 37])  # shorter than the taps; a full block and a partial one
-def test_fused_causal_conv_equals_conv1d_in_value_and_gradients(length):
+def test_causal_conv_equals_conv1d_in_value_and_gradients(length, impl):
     torch.manual_seed(0)
     channels, taps = 150, 4
     conv = torch.nn.Conv1d(channels, channels, taps, groups=channels, padding=taps - 1)
     xz = torch.randn(3, length, 2 * channels)
     x_fused, x_plain = xz.clone().requires_grad_(), xz.clone().requires_grad_()
     weight, bias = (p.detach().clone().requires_grad_() for p in (conv.weight, conv.bias))
-    fused = causal_conv_silu(x_fused[..., :channels], weight, bias, impl="fused")  # a strided view
+    fused = causal_conv_silu(x_fused[..., :channels], weight, bias, impl=impl)  # a strided view
     plain = torch.nn.functional.silu(conv(x_plain[..., :channels].transpose(1, 2))[..., :length])
     plain = plain.transpose(1, 2)
     assert torch.allclose(fused, plain, atol=1e-6)

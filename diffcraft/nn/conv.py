@@ -3,7 +3,9 @@
 x: [batch, L, channels] (the layout the projections produce, no transposes); weight: the
 `nn.Conv1d(groups=channels)` weight [channels, 1, taps]; output step t sees inputs t-taps+1..t.
 On CPU a fused numba kernel (the taps, the bias and the SiLU in one pass, and one backward pass
-that recomputes the pre-activation instead of storing it); elsewhere the same sum in PyTorch.
+that recomputes the pre-activation instead of storing it); on a GPU one depthwise `conv1d` (cuDNN:
+two kernels where the sum of shifted products launches a dozen, and a GPU step is bound by the
+host's launches); the same sum in plain PyTorch as the reference.
 """
 from __future__ import annotations
 
@@ -123,14 +125,25 @@ def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torc
     return F.silu(out + bias)
 
 
+def causal_conv_silu_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The same function as one depthwise `conv1d` over [batch, channels, L] (padded on the left
+    by its padding and the right end dropped), returned as a [batch, L, channels] view."""
+    taps, length = weight.shape[-1], x.shape[1]
+    out = F.conv1d(x.transpose(1, 2), weight, bias, padding=taps - 1, groups=x.shape[-1])[..., :length]
+    return F.silu(out).transpose(1, 2)
+
+
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                      impl: str = "auto") -> torch.Tensor:
     """SiLU(causal depthwise conv1d): x [batch, L, channels], weight [channels, 1, taps], bias
-    [channels] -> [batch, L, channels]. impl: auto | fused (CPU) | reference."""
+    [channels] -> [batch, L, channels]. impl: auto (fused on CPU, conv1d elsewhere) | fused |
+    conv1d | reference."""
     if impl == "auto":
-        impl = "fused" if x.device.type == "cpu" else "reference"
+        impl = "fused" if x.device.type == "cpu" else "conv1d"
     if impl == "fused":
         return _FusedCPUConvSiLU.apply(x, weight, bias)
+    if impl == "conv1d":
+        return causal_conv_silu_conv1d(x, weight, bias)
     if impl != "reference":
-        raise ValueError(f"convolution implementation {impl!r} is not auto, fused or reference")
+        raise ValueError(f"convolution implementation {impl!r} is not auto, fused, conv1d or reference")
     return causal_conv_silu_reference(x, weight, bias)
