@@ -87,7 +87,7 @@ def promote(study: StudyConfig, metric: str | None = None, mode: str | None = No
     from diffcraft.train.data import make_loaders
     from diffcraft.train.evaluate import evaluate
     from diffcraft.train.loop import make_autocast
-    from diffcraft.train.objective import validation_loss
+    from diffcraft.train.loss import validation_loss
 
     metric = metric or study.objective.metric
     mode = mode or study.objective.mode

@@ -1,13 +1,13 @@
 """Checkpoints written atomically and read without executing pickled code.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, saved with torch.save
-into a temporary file in the same folder, fsynced, then renamed over the target: a kill leaves
-the previous checkpoint intact. Loading uses `weights_only=True`, which refuses any pickled
-object that is not plain data, so a crafted file cannot run code.
+into a temporary file in the same folder, fsynced, then renamed over the target
+(`storage.write_atomically`): a kill leaves the previous checkpoint intact. Loading uses
+`weights_only=True`, which refuses any pickled object that is not plain data, so a crafted file
+cannot run code.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections import Counter
@@ -16,24 +16,15 @@ from pathlib import Path
 import torch
 
 from diffcraft.errors import CheckpointError
+from diffcraft.storage import write_atomically
 
 FORMAT = "diffcraft-checkpoint"
 VERSION = 1
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    saved = {"format": FORMAT, "version": VERSION, **state}
+    return write_atomically(Path(path), lambda handle: torch.save(saved, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
@@ -62,14 +53,14 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu"):
     from diffcraft.models.autoencoder import DiffCraft
     from diffcraft.train.config import RunConfig
 
-    state = load_checkpoint(path, device)
+    saved = load_checkpoint(path, device)
     try:
-        cfg = from_dict(RunConfig, state["config"])
+        cfg = from_dict(RunConfig, saved["config"])
     except (ConfigError, KeyError) as err:
         raise CheckpointError(f"{path}: its stored config is not usable ({err})") from None
     model = DiffCraft(cfg.model)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(saved["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the stored config ({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), cfg
@@ -134,15 +125,15 @@ def describe_init(report: dict[str, dict]) -> str:
 
 def rng_state() -> dict:
     """Every RNG stream a run draws from: torch's CPU generator and, on a GPU, CUDA's."""
-    state = {"cpu": torch.get_rng_state()}
+    streams = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        streams["cuda"] = torch.cuda.get_rng_state_all()
+    return streams
 
 
-def set_rng_state(state: dict) -> None:
-    if isinstance(state, torch.Tensor):  # checkpoints before the CUDA streams were kept
-        state = {"cpu": state}
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(streams: dict) -> None:
+    if isinstance(streams, torch.Tensor):  # checkpoints before the CUDA streams were kept
+        streams = {"cpu": streams}
+    torch.set_rng_state(streams["cpu"])
+    if "cuda" in streams and torch.cuda.is_available() and len(streams["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(streams["cuda"])

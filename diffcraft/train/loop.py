@@ -24,12 +24,14 @@ from diffcraft import CLIP_SAMPLES, SAMPLE_RATE
 from diffcraft.errors import CheckpointError
 from diffcraft.losses import MultiScaleSpectralLoss
 from diffcraft.models.autoencoder import DiffCraft
+from diffcraft.train import names
 from diffcraft.train.checkpoint import describe_init, init_weights, rng_state, set_rng_state
 from diffcraft.train.config import RunConfig
 from diffcraft.train.data import make_loaders
 from diffcraft.train.evaluate import evaluate
-from diffcraft.train.objective import beta_at, loss_terms, total_loss, validation_loss
+from diffcraft.train.loss import beta_at, loss_terms, total_loss, validation_loss
 from diffcraft.train.schedule import LRSchedule, schedule_epoch
+from diffcraft.train.selection import Objective
 from diffcraft.train.session import LocalSession, Session, resolve_device
 
 __all__ = ["TrainResult", "describe_epoch", "make_autocast", "train"]
@@ -51,17 +53,19 @@ class TrainResult:
 
 def describe_epoch(m: dict, epochs: int | None = None) -> str:
     """One progress line: the metrics a person reads first."""
-    parts = [f"epoch {m.get('epoch', -1) + 1}" + (f"/{epochs}" if epochs else "")]
-    if "val_mss_mean" in m:
-        parts.append(f"val_mss {m['val_mss_mean']:.4f} ± {m['val_mss_se']:.4f} (sd {m['val_mss_sd']:.4f})")
-    if "val_rpa" in m:
-        parts.append(f"rpa {m['val_rpa']:.3f} rca {m['val_rca']:.3f} loud_mae {m['val_loudness_mae_db']:.2f} dB")
-    if "val_kl" in m:
-        parts.append(f"kl {m['val_kl']:.3f} beta {m.get('beta', 0):.2g}")
-    if "val_active_units" in m:
-        parts.append(f"active {m['val_active_units']}/{m['val_latent_dims']}")
-    if "audio_seconds_per_second" in m:
-        parts.append(f"{m['audio_seconds_per_second']:.1f} audio-s/s")
+    parts = [f"epoch {m.get(names.EPOCH, -1) + 1}" + (f"/{epochs}" if epochs else "")]
+    mss = names.summary(names.MSS, names.VAL)
+    if mss[0] in m:
+        parts.append("val_mss {:.4f} ± {:.4f} (sd {:.4f})".format(*(m[key] for key in mss)))
+    if names.VAL + names.RPA in m:
+        pitch = [m[names.VAL + key] for key in (names.RPA, names.RCA, names.LOUDNESS_MAE_DB)]
+        parts.append("rpa {:.3f} rca {:.3f} loud_mae {:.2f} dB".format(*pitch))
+    if names.VAL + names.KL in m:
+        parts.append(f"kl {m[names.VAL + names.KL]:.3f} beta {m.get(names.BETA, 0):.2g}")
+    if names.VAL_ACTIVE_UNITS in m:
+        parts.append(f"active {m[names.VAL_ACTIVE_UNITS]}/{m[names.VAL_LATENT_DIMS]}")
+    if names.THROUGHPUT in m:
+        parts.append(f"{m[names.THROUGHPUT]:.1f} audio-s/s")
     return "  ".join(parts)
 
 
@@ -103,21 +107,21 @@ def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss
     train_loader, val_loader = make_loaders(cfg, session.rank, session.world)
     run = Run(cfg, session, model, model, optimizer, schedule, train_loader, val_loader, select,
               TrainResult(session.describe(), getattr(session, "run_dir", None)))
-    state = session.restore()
-    if state is not None:
+    saved = session.restore()
+    if saved is not None:
         try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state.get("lr_schedule", {}))
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved.get("lr_schedule", {}))
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{session.describe()}: the last checkpoint does not fit this run's config, so "
                                   f"it cannot be resumed ({str(err).splitlines()[0]}); use another run folder") from None
-        set_rng_state(state["rng"])
-        run.result.history, run.result.best, run.result.step = state["history"], state["best"], state["step"]
-        run.result.init_report = state.get("init_report", {})
-        run.start_epoch = cfg.train.epochs if state.get("stopped") else state["epoch"] + 1
+        set_rng_state(saved["rng"])
+        run.result.history, run.result.best, run.result.step = saved["history"], saved["best"], saved["step"]
+        run.result.init_report = saved.get("init_report", {})
+        run.start_epoch = cfg.train.epochs if saved.get("stopped") else saved["epoch"] + 1
         if progress:
-            print(f"resuming {session.where} after epoch {state['epoch']} (step {run.result.step})")
+            print(f"resuming {session.where} after epoch {saved['epoch']} (step {run.result.step})")
     elif cfg.train.init_paths:
         run.result.init_report = init_weights(model, cfg.train.init_paths)
         if progress:
@@ -174,20 +178,13 @@ def epoch_metrics(run: Run, epoch: int, sums: dict, n_steps: int, seconds: float
     return metrics
 
 
-def improves(metrics: dict, best: dict, select: tuple[str, str]) -> bool:
-    key, mode = select
-    if not best or key not in best:
-        return True
-    return metrics[key] < best[key] if mode == "min" else metrics[key] > best[key]
-
-
 def commit(run: Run, epoch: int, metrics: dict | None) -> bool:
     """Hand the epoch to the session (rank 0 with its state); True when the run stops here."""
     if metrics is None:  # ranks > 0: join the commit, keep only the count
         run.result.history.append({"epoch": epoch, "step": run.result.step})
         return run.session.commit(None, {}, False)
     run.result.history.append(metrics)
-    improved = improves(metrics, run.result.best, run.select)
+    improved = Objective(*run.select).improves(metrics, run.result.best)
     if improved:
         run.result.best = dict(metrics)
     state = {"config": asdict(run.cfg), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),

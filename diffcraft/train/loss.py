@@ -1,11 +1,13 @@
-"""The training objective: the loss terms a stage uses, weighted and summed. The weights live
-here alone: the training loss and the validation loss that picks checkpoints both use `weighted`."""
+"""The training loss: the loss terms a stage uses, weighted and summed. The weights live here
+alone: the training loss and the validation loss both use `weighted`. (What picks the best epoch
+or trial is the objective, `train.selection`.)"""
 from __future__ import annotations
 
 import torch
 
 from diffcraft.losses import f0_loss, kl_beta, kl_per_dim, kl_with_free_bits, loudness_loss
 from diffcraft.train.config import LossConfig, RunConfig
+from diffcraft.train.names import F0_LOSS, LOUDNESS_LOSS, MSS, VAL, mean_name
 
 VOICED = 0.5  # voicing confidence at or above which a frame counts as voiced
 
@@ -58,5 +60,5 @@ def total_loss(terms: dict, cfg: RunConfig, beta: float) -> torch.Tensor:
 
 def validation_loss(metrics: dict, cfg: RunConfig) -> float:
     """The weighted validation loss that picks the best checkpoint (KL left out)."""
-    return float(weighted(cfg, metrics.get("val_mss_mean"), metrics.get("val_f0_loss"),
-                          metrics.get("val_loudness_loss")))
+    return float(weighted(cfg, metrics.get(mean_name(MSS, VAL)), metrics.get(VAL + F0_LOSS),
+                          metrics.get(VAL + LOUDNESS_LOSS)))
