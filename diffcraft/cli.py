@@ -237,11 +237,7 @@ def _cmd_quickstart(args) -> None:
     quickstart(Path(args.workdir))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcraft", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="datasets and the feature cache").add_subparsers(
         dest="data_command", required=True)
     synth = data.add_parser("synth", help="write synthetic violin-like stems (MDB-stem-synth layout)")
@@ -268,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--metadata", type=Path, default=None, help="MedleyDB metadata folder")
     prep.set_defaults(func=_cmd_prepare)
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="one training run from a YAML run config")
     train.add_argument("config", type=Path)
     train.add_argument("--out", type=Path, default=None, help="run folder (default: from the config)")
@@ -275,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override config fields, e.g. train.epochs=3 model.decoder.core=bimamba")
     train.set_defaults(func=_cmd_train)
 
-    ray_address = os.environ.get("RAY_ADDRESS") or None
+
+def _add_study(sub, ray_address: str | None) -> None:
     study = sub.add_parser("study", help="hyperparameter and ablation studies on Ray Tune").add_subparsers(
         dest="study_command", required=True)
     run = study.add_parser("run", help="validate and run a study file (the same file again: continue it)")
@@ -299,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--kind", default="study", choices=["study", "run"])
     schema.add_argument("--out", type=Path, default=None, help="write it here (default: print it)")
     schema.set_defaults(func=_cmd_study_schema)
+    _add_jobs(study)
+
+
+def _add_jobs(study) -> None:
+    """`study submit`, `study logs`, `study stop`: studies as Ray Jobs on a cluster."""
     submit = study.add_parser("submit", help="run a study on a Ray cluster as a Ray Job")
     submit.add_argument("file", type=Path)
     submit.add_argument("--address", required=True, help="the cluster's Jobs API, e.g. http://HEAD:8265")
@@ -313,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--follow", action="store_true")
         cmd.set_defaults(func=func)
 
+
+def _add_cluster(sub, ray_address: str | None) -> None:
     cluster = sub.add_parser("cluster", help="check a Ray cluster before running studies on it").add_subparsers(
         dest="cluster_command", required=True)
     check = cluster.add_parser("check", help="can every node read the cache, write the storage, reach MLflow?")
@@ -321,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     check.set_defaults(func=_cmd_cluster_check)
 
+
+def _add_promote(sub) -> None:
     prom = sub.add_parser("promote", help="register a study's best finished trial in the MLflow registry")
     prom.add_argument("study", metavar="STUDY")
     prom.add_argument("--storage", default="studies", help="the study's storage (a folder or s3://, gs://)")
@@ -333,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("--trial", default=None, help="promote this trial (id or name) instead of the best")
     prom.set_defaults(func=_cmd_promote)
 
+
+def _add_models(sub) -> None:
+    """`transfer` and `figures`: what a trained model does and holds."""
     tr = sub.add_parser("transfer", help="timbre transfer of audio files with a trained model")
     tr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
     tr.add_argument("--model", required=True,
@@ -357,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow URI for run ids and models:/ (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     fig.set_defaults(func=_cmd_figures)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffcraft", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ray_address = os.environ.get("RAY_ADDRESS") or None
+    _add_data(sub)
+    _add_train(sub)
+    _add_study(sub, ray_address)
+    _add_cluster(sub, ray_address)
+    _add_promote(sub)
+    _add_models(sub)
     quick = sub.add_parser("quickstart", help="synthetic data -> cache -> the quickstart study -> report")
     quick.add_argument("--workdir", default="diffcraft-quickstart")
     quick.set_defaults(func=_cmd_quickstart)
