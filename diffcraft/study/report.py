@@ -17,9 +17,9 @@ from diffcraft.study.record import StudyRecord
 from diffcraft.study.search import optuna_storage
 from diffcraft.study.status import COST, TrialRecord, best_record, trial_records
 from diffcraft.study.tracking import NOTE
-from diffcraft.train.names import (ACTIVE_UNITS, F0_LOSS, KL, LOUDNESS_LOSS, LOUDNESS_MAE_DB, MEAN_SIGMA, MSS, RCA,
-                                   RPA, SHUFFLE_GAP, TEST, VAL, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS, mean_name,
-                                   score_of)
+from diffcraft.train.names import (ACTIVE_UNITS, F0_LOSS, KL, LOUDNESS_LOSS, LOUDNESS_MAE_DB, MEAN_SIGMA, MSS,
+                                   N_PARAMETERS, RCA, RPA, SECONDS_PER_EPOCH, SHUFFLE_GAP, TEST, VAL, VAL_ACTIVE_UNITS,
+                                   VAL_LATENT_DIMS, mean_name, score_of)
 
 HEADLINE = tuple(mean_name(s) for s in (MSS, F0_LOSS, RPA, RCA, LOUDNESS_LOSS, LOUDNESS_MAE_DB, KL))  # per clip
 LATENT = tuple(VAL + k for k in (ACTIVE_UNITS, KL, MEAN_SIGMA, SHUFFLE_GAP))  # collapse diagnostics
@@ -141,8 +141,8 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
         "parameters and training seconds per epoch.", ""]
     md += head(["seeds", "parameters", "s/epoch", *(c.prefix + m for m in c.metrics)])
     for row in rows:
-        cost = [f"{row['n_parameters']:,.0f}" if not math.isnan(row["n_parameters"]) else "-",
-                f"{row['seconds_per_epoch']:.1f}" if not math.isnan(row["seconds_per_epoch"]) else "-"]
+        cost = [f"{row[N_PARAMETERS]:,.0f}" if not math.isnan(row[N_PARAMETERS]) else "-",
+                f"{row[SECONDS_PER_EPOCH]:.1f}" if not math.isnan(row[SECONDS_PER_EPOCH]) else "-"]
         md.append(f"| {row['configuration']} | {row['seeds']} | " + " | ".join(
             cost + [_cell(row[m], row[f"{m}_se_seeds"]) for m in c.metrics]) + " |")
     md += ["", "## Pooled over clips and seeds", "",

@@ -95,7 +95,7 @@ class Run:
         return make_autocast(self.session.device, self.cfg.train.precision)
 
 
-def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss", "min"),
+def start(cfg: RunConfig, session: Session, select: tuple[str, str] = (names.VAL_LOSS, "min"),
           progress: bool = False) -> Run:
     """Build the run; continue from the session's last commit when there is one."""
     if cfg.train.threads:
@@ -156,9 +156,9 @@ def train_epoch(run: Run, epoch: int, progress: bool = False) -> tuple[dict, int
         run.optimizer.step()
         run.result.step += 1
         n_steps += 1
-        logged = {"train_loss": loss.item(), **({"beta": beta} if run.model.is_vae else {})}
+        logged = {names.TRAIN_LOSS: loss.item(), **({names.BETA: beta} if run.model.is_vae else {})}
         for name, value in terms.items():
-            logged["train_kl" if name == "kl_per_dim" else f"train_{name}"] = float(value.detach().sum())
+            logged[names.TRAIN + (names.KL if name == names.KL_PER_DIM else name)] = float(value.detach().sum())
         for key, value in logged.items():
             sums[key] = sums.get(key, 0.0) + value
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -168,13 +168,13 @@ def train_epoch(run: Run, epoch: int, progress: bool = False) -> tuple[dict, int
 def epoch_metrics(run: Run, epoch: int, sums: dict, n_steps: int, seconds: float) -> dict:
     """Rank 0's record of an epoch: training averages, throughput and the validation metrics."""
     world, batch = run.session.world, run.train_loader.batch_size
-    metrics = {"epoch": epoch, "step": run.result.step, "lr": run.optimizer.param_groups[0]["lr"],
-               **{k: v / max(1, n_steps) for k, v in sums.items()}, "epoch_seconds": seconds,
-               "audio_seconds_per_second": world * n_steps * batch * CLIP_SAMPLES / SAMPLE_RATE / max(seconds, 1e-9),
+    metrics = {names.EPOCH: epoch, names.STEP: run.result.step, names.LR: run.optimizer.param_groups[0]["lr"],
+               **{k: v / max(1, n_steps) for k, v in sums.items()}, names.EPOCH_SECONDS: seconds,
+               names.THROUGHPUT: world * n_steps * batch * CLIP_SAMPLES / SAMPLE_RATE / max(seconds, 1e-9),
                **evaluate(run.model, run.val_loader, run.mss_fn, run.session.device, run.autocast)}
-    metrics["val_loss"] = validation_loss(metrics, run.cfg)
-    if not math.isfinite(metrics["val_loss"]):
-        raise FloatingPointError(f"epoch {epoch}: validation loss is {metrics['val_loss']}")
+    metrics[names.VAL_LOSS] = validation_loss(metrics, run.cfg)
+    if not math.isfinite(metrics[names.VAL_LOSS]):
+        raise FloatingPointError(f"epoch {epoch}: validation loss is {metrics[names.VAL_LOSS]}")
     return metrics
 
 
@@ -195,7 +195,7 @@ def commit(run: Run, epoch: int, metrics: dict | None) -> bool:
 
 def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = True,
           on_epoch: Callable[[dict, Path], bool | None] | None = None, session: Session | None = None,
-          select: tuple[str, str] = ("val_loss", "min")) -> TrainResult:
+          select: tuple[str, str] = (names.VAL_LOSS, "min")) -> TrainResult:
     """Train `cfg` in `session` (default: this machine, checkpoints in out_dir/checkpoints,
     resumed from last.pt when it exists; `on_epoch(metrics, last_path)` may return True to stop).
     Rank 0 evaluates and commits; other ranks train their shard and join each commit."""

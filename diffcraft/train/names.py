@@ -1,7 +1,8 @@
-"""The names of the metrics a run and a trial report, declared once. `train.stages` builds from
-them what each stage reports each epoch; the progress line, the study's checks, its Tune reports,
-reports and promotion read them from here. (The loop and evaluation produce them, and a test of
-every stage holds what they produce to `train.stages`.)
+"""The names of the metrics a run and a trial report, declared once. The loss terms and the loop
+produce them under these names, `train.stages` builds from them what each stage reports each
+epoch, and the progress line, the study's checks, Tune's reports, the report and promotion read
+them from here. (`train.evaluate` keys its per-clip scores by the score names below; a test of
+every stage holds what an epoch reports to `train.stages`.)
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, TypeVar
 
+from diffcraft.train.names import VAL_LOSS
+
 Mode = Literal["min", "max"]
 T = TypeVar("T")
 
@@ -18,7 +20,7 @@ def better(value: float, than: float, mode: Mode) -> bool:
 
 @dataclass
 class Objective:
-    metric: str = "val_loss"  # any per-epoch metric, e.g. val_mss_mean, val_rpa, val_loss
+    metric: str = VAL_LOSS  # any per-epoch metric, e.g. val_mss_mean, val_rpa, val_loss
     mode: Mode = "min"
 
     def better(self, value: float, than: float) -> bool:
