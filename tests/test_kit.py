@@ -26,11 +26,12 @@ SECRET = "launcher-only.txt"
 
 
 def _result(proc) -> dict:
-    """The JSON a driver printed after 'RESULT '."""
+    """The JSON a driver printed after 'RESULT ' (Ray may write a worker's log line into the same
+    line of the driver's stdout before its newline: what follows the JSON is not part of it)."""
     assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.JSONDecoder().raw_decode(line[len("RESULT "):])[0]
     raise AssertionError(f"no RESULT line:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
