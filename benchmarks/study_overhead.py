@@ -16,7 +16,7 @@ import yaml
 from diffcraft.data.prepare import prepare
 from diffcraft.data.synthetic import write_dataset
 from diffcraft.study.runner import run_study
-from diffcraft.study.schema import load_study, run_config
+from diffcraft.study.studyfile import load_study
 from diffcraft.raytools import ray_session
 from diffcraft.train.loop import train
 
@@ -43,7 +43,7 @@ def main() -> None:
 
     start = time.perf_counter()
     for seed in range(args.trials):
-        cfg = run_config(study.base_run(), {"train.seed": seed})
+        cfg = study.trial_config({"train.seed": seed})
         train(cfg, work / "direct" / str(seed), progress=False)
     direct = time.perf_counter() - start
 

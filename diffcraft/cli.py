@@ -43,7 +43,7 @@ def _cmd_train(args) -> None:
 
 def _finish_study(study, outcome) -> None:
     """Print the status and how to look at it; exit non-zero unless every trial finished."""
-    from diffcraft.study.report import status_lines
+    from diffcraft.study.status import status_lines
 
     print("\n".join(status_lines(study)))
     _print_mlflow_link(study)
@@ -57,27 +57,27 @@ def _finish_study(study, outcome) -> None:
 
 
 def _print_mlflow_link(study) -> None:
-    from diffcraft.study.state import started_state
+    from diffcraft.study.record import StudyRecord
     from diffcraft.study.tracking import ui_link
 
-    state = started_state(study)
-    if not state["tracking_uri"].startswith(("http://", "https://")):
-        print(f"MLflow: mlflow ui --backend-store-uri {state['tracking_uri']}")
-    print(f"runs: {ui_link(state)}")
+    record = StudyRecord.started(study)
+    if not record.tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow: mlflow ui --backend-store-uri {record.tracking_uri}")
+    print(f"runs: {ui_link(record)}")
 
 
 def _cmd_study_run(args) -> None:
     from diffcraft.study.runner import run_study
-    from diffcraft.study.schema import load_study
+    from diffcraft.study.studyfile import load_study
 
     study = load_study(args.file, overrides=args.set)
     _finish_study(study, run_study(study, address=args.address, take_over=args.take_over))
 
 
 def _stored_study(args):
-    from diffcraft.study.runner import study_from_storage
+    from diffcraft.study.record import stored_study
 
-    return study_from_storage(args.name, args.storage)
+    return stored_study(args.name, args.storage)
 
 
 def _cmd_study_resume(args) -> None:
@@ -88,7 +88,7 @@ def _cmd_study_resume(args) -> None:
 
 
 def _cmd_study_status(args) -> None:
-    from diffcraft.study.report import status_lines
+    from diffcraft.study.status import status_lines
 
     study = _stored_study(args)
     print("\n".join(status_lines(study)))
@@ -106,7 +106,7 @@ def _cmd_study_report(args) -> None:
 def _cmd_study_schema(args) -> None:
     import json
 
-    from diffcraft.study.schema import file_schema
+    from diffcraft.study.studyfile import file_schema
 
     text = json.dumps(file_schema(args.kind), indent=2) + "\n"
     if args.out:
@@ -118,7 +118,7 @@ def _cmd_study_schema(args) -> None:
 
 def _cmd_study_submit(args) -> None:
     from diffcraft.study.jobs import submit_study
-    from diffcraft.study.schema import load_study
+    from diffcraft.study.studyfile import load_study
 
     job = submit_study(load_study(args.file, overrides=args.set), args.address)
     print(f"submitted {job}\n  follow: diffcraft study logs {job} --address {args.address} --follow"
@@ -142,7 +142,7 @@ def _cmd_study_stop(args) -> None:
 
 
 def _cmd_cluster_check(args) -> None:
-    from diffcraft.study.schema import load_study
+    from diffcraft.study.studyfile import load_study
 
     study = load_study(args.study, overrides=args.set)
     if args.address and args.address.startswith(("http://", "https://")):
@@ -154,9 +154,10 @@ def _cmd_cluster_check(args) -> None:
         if job_status(args.address, job) != "SUCCEEDED":
             raise SystemExit(1)
         return
+    from diffcraft.model_uri import default_tracking_uri
     from diffcraft.raytools import forwarded_env, ray_session
     from diffcraft.study.preflight import preflight
-    from diffcraft.study.tracking import default_tracking_uri, require_server_for_cluster
+    from diffcraft.study.tracking import require_server_for_cluster
 
     require_server_for_cluster(study.mlflow.tracking_uri, args.address)
     uri = default_tracking_uri(study.mlflow.tracking_uri)
@@ -171,22 +172,19 @@ def _cmd_cluster_check(args) -> None:
 
 def _cmd_promote(args) -> None:
     from diffcraft.study.promote import promote
-    from diffcraft.study.state import started_state
+    from diffcraft.study.record import StudyRecord, stored_study
 
-    from diffcraft.study.runner import study_from_storage
-
-    study = study_from_storage(args.study, args.storage)
+    study = stored_study(args.study, args.storage)
     p = promote(study, metric=args.metric, mode=args.mode, alias=args.alias, where=args.where,
                 name=args.name, trial=args.trial)
     print(f"promoted trial {p.trial} ({p.metric} = {p.value:.6g}, re-measured {p.reproduced:.6g}) as "
           f"{p.name} version {p.version}; models:/{p.name}@{p.alias} now points to it")
-    print(f"serve it: MLFLOW_TRACKING_URI={started_state(study)['tracking_uri']} mlflow models serve "
+    print(f"serve it: MLFLOW_TRACKING_URI={StudyRecord.started(study).tracking_uri} mlflow models serve "
           f"-m models:/{p.name}@{p.alias} --env-manager local -p 5001")
 
 
 def _cmd_transfer(args) -> None:
-    from diffcraft.study.promote import resolve_checkpoint
-    from diffcraft.study.tracking import default_tracking_uri
+    from diffcraft.model_uri import default_tracking_uri, resolve_checkpoint
     from diffcraft.train.checkpoint import model_from_checkpoint
     from diffcraft.transfer import transfer_files
 
@@ -200,28 +198,6 @@ def _cmd_transfer(args) -> None:
         raise SystemExit(1)
 
 
-RUN_ID = r"[0-9a-f]{32}"  # an MLflow run id, as `figures` tells one from a path or a model URI
-
-
-def _figures_checkpoint(source: str, tracking_uri: str, tmp: Path) -> tuple[Path, str | None]:
-    """(local checkpoint, run id or None) for `figures`: a run id means its checkpoint/best.pt."""
-    import re
-
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from diffcraft.errors import CheckpointError
-    from diffcraft.study.promote import resolve_checkpoint
-
-    if not re.fullmatch(RUN_ID, source) or Path(source).exists():
-        return resolve_checkpoint(source, tracking_uri, tmp), None
-    try:
-        MlflowClient(tracking_uri).get_run(source)
-    except MlflowException:
-        raise CheckpointError(f"{source}: no such run at MLflow {tracking_uri} (and no such file)") from None
-    return resolve_checkpoint(f"runs:/{source}/checkpoint/best.pt", tracking_uri, tmp), source
-
-
 def _cmd_figures(args) -> None:
     import re
     import tempfile
@@ -229,12 +205,12 @@ def _cmd_figures(args) -> None:
     from diffcraft.data.dataset import ClipDataset
     from diffcraft.errors import ConfigError, DataError
     from diffcraft.figures import latent_figures
-    from diffcraft.study.tracking import default_tracking_uri
+    from diffcraft.model_uri import default_tracking_uri, resolve_source
     from diffcraft.train.checkpoint import model_from_checkpoint
 
     tracking_uri = default_tracking_uri(args.tracking_uri or "")
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint, run_id = _figures_checkpoint(args.source, tracking_uri, Path(tmp))
+        checkpoint, run_id = resolve_source(args.source, tracking_uri, Path(tmp))
         model, cfg = model_from_checkpoint(checkpoint)
     if model.encoder is None:
         raise ConfigError(f"{args.source}: a {cfg.model.stage}-stage model has no encoder, so no latent figures")
@@ -261,11 +237,7 @@ def _cmd_quickstart(args) -> None:
     quickstart(Path(args.workdir))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcraft", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="datasets and the feature cache").add_subparsers(
         dest="data_command", required=True)
     synth = data.add_parser("synth", help="write synthetic violin-like stems (MDB-stem-synth layout)")
@@ -292,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--metadata", type=Path, default=None, help="MedleyDB metadata folder")
     prep.set_defaults(func=_cmd_prepare)
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="one training run from a YAML run config")
     train.add_argument("config", type=Path)
     train.add_argument("--out", type=Path, default=None, help="run folder (default: from the config)")
@@ -299,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override config fields, e.g. train.epochs=3 model.decoder.core=bimamba")
     train.set_defaults(func=_cmd_train)
 
-    ray_address = os.environ.get("RAY_ADDRESS") or None
+
+def _add_study(sub, ray_address: str | None) -> None:
     study = sub.add_parser("study", help="hyperparameter and ablation studies on Ray Tune").add_subparsers(
         dest="study_command", required=True)
     run = study.add_parser("run", help="validate and run a study file (the same file again: continue it)")
@@ -323,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--kind", default="study", choices=["study", "run"])
     schema.add_argument("--out", type=Path, default=None, help="write it here (default: print it)")
     schema.set_defaults(func=_cmd_study_schema)
+    _add_jobs(study)
+
+
+def _add_jobs(study) -> None:
+    """`study submit`, `study logs`, `study stop`: studies as Ray Jobs on a cluster."""
     submit = study.add_parser("submit", help="run a study on a Ray cluster as a Ray Job")
     submit.add_argument("file", type=Path)
     submit.add_argument("--address", required=True, help="the cluster's Jobs API, e.g. http://HEAD:8265")
@@ -337,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--follow", action="store_true")
         cmd.set_defaults(func=func)
 
+
+def _add_cluster(sub, ray_address: str | None) -> None:
     cluster = sub.add_parser("cluster", help="check a Ray cluster before running studies on it").add_subparsers(
         dest="cluster_command", required=True)
     check = cluster.add_parser("check", help="can every node read the cache, write the storage, reach MLflow?")
@@ -345,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     check.set_defaults(func=_cmd_cluster_check)
 
+
+def _add_promote(sub) -> None:
     prom = sub.add_parser("promote", help="register a study's best finished trial in the MLflow registry")
     prom.add_argument("study", metavar="STUDY")
     prom.add_argument("--storage", default="studies", help="the study's storage (a folder or s3://, gs://)")
@@ -357,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("--trial", default=None, help="promote this trial (id or name) instead of the best")
     prom.set_defaults(func=_cmd_promote)
 
+
+def _add_models(sub) -> None:
+    """`transfer` and `figures`: what a trained model does and holds."""
     tr = sub.add_parser("transfer", help="timbre transfer of audio files with a trained model")
     tr.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
     tr.add_argument("--model", required=True,
@@ -381,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow URI for run ids and models:/ (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     fig.set_defaults(func=_cmd_figures)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffcraft", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ray_address = os.environ.get("RAY_ADDRESS") or None
+    _add_data(sub)
+    _add_train(sub)
+    _add_study(sub, ray_address)
+    _add_cluster(sub, ray_address)
+    _add_promote(sub)
+    _add_models(sub)
     quick = sub.add_parser("quickstart", help="synthetic data -> cache -> the quickstart study -> report")
     quick.add_argument("--workdir", default="diffcraft-quickstart")
     quick.set_defaults(func=_cmd_quickstart)

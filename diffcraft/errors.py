@@ -18,6 +18,10 @@ class ConfigError(DiffcraftError):
     """A config or study file field that is unknown, ill-typed or out of range."""
 
 
+class StudyConfigError(ConfigError):
+    """A study file field that is unknown, ill-typed, out of range or unschedulable."""
+
+
 class DataError(DiffcraftError):
     """A dataset or feature cache that is missing, inconsistent or empty."""
 

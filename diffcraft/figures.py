@@ -19,7 +19,7 @@ from diffcraft.errors import DataError
 from diffcraft.pitch import hz_to_midi
 from diffcraft.plots import embedding_figure, interpolation_figure
 from diffcraft.train.evaluate import seeded
-from diffcraft.train.objective import VOICED
+from diffcraft.train.loss import VOICED
 
 MAX_CLIPS = 8  # clips encoded (32 s, 3200 frames); t-SNE maps at most plots' max_points of their frames
 BATCH_CLIPS = 4  # clips through the encoder at a time

@@ -11,11 +11,12 @@ from diffcraft.audio.io import write_wav
 from diffcraft.data.prepare import PrepareConfig, prepare
 from diffcraft.data.synthetic import render_phrase, write_dataset
 from diffcraft.errors import DataError
-from diffcraft.study.promote import resolve_checkpoint, promote
-from diffcraft.study.report import status_lines, write_report
+from diffcraft.model_uri import default_tracking_uri, resolve_checkpoint
+from diffcraft.study.promote import promote
+from diffcraft.study.report import write_report
 from diffcraft.study.runner import run_study
-from diffcraft.study.schema import load_study
-from diffcraft.study.tracking import default_tracking_uri
+from diffcraft.study.status import status_lines
+from diffcraft.study.studyfile import load_study
 from diffcraft.train.checkpoint import model_from_checkpoint
 from diffcraft.transfer import transfer_files
 

@@ -8,10 +8,11 @@ from diffcraft.errors import ConfigError
 
 # Credentials and endpoints a trial may need, passed from the driver's environment to every Ray
 # worker through the job's runtime environment (never written into study files, params or logs).
+# DIFFCRAFT_SCRATCH is not among them: where a node stages caches is that node's own setting.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
                  "GOOGLE_APPLICATION_CREDENTIALS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "PGPASSWORD", "DIFFCRAFT_SCRATCH")
+                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "PGPASSWORD")
 
 
 def forwarded_env(**extra: str) -> dict[str, str]:

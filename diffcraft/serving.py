@@ -37,10 +37,10 @@ from diffcraft import HOP_LENGTH, SAMPLE_RATE
 from diffcraft.audio.crepe import CREPE_MODELS, crepe_pitch
 from diffcraft.audio.io import load_audio, validate_audio
 from diffcraft.errors import DiffcraftError
+from diffcraft.model_uri import CHECKPOINT_ARTIFACT
 from diffcraft.train.checkpoint import model_from_checkpoint
 from diffcraft.transfer import F0_SOURCES, resolve_f0_source, timbre_transfer
 
-CHECKPOINT_ARTIFACT = "checkpoint"  # the model artifact holding best.pt
 PARAMS = {"pitch_shift": 0.0, "loudness_offset": 0.0, "f0": "auto", "crepe_model": "full", "seed": 0}
 PARAM_TYPES = {float: "double", str: "string", int: "long"}
 EXAMPLE_SECONDS = 0.5  # length of the logged input example (a 440 Hz tone)

@@ -12,6 +12,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 from urllib.parse import urlparse
 
 from diffcraft.errors import StorageError
@@ -56,6 +57,23 @@ def filesystem(location: str):
         return pafs.S3FileSystem(**kwargs), path
     fs, _ = pafs.FileSystem.from_uri(location)
     return fs, path
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a local file whole or not at all: `write(handle)` fills a temporary file beside
+    `path`, which is fsynced and renamed over it, so a kill leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 @dataclass(frozen=True)
@@ -113,17 +131,7 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         if not self.remote:
-            path = Path(self.uri)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            try:
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomically(Path(self.uri), lambda handle: handle.write(data))
             return
         fs, path = self._fs()
         try:

@@ -17,6 +17,7 @@ from diffcraft.audio.crepe import crepe_pitch
 from diffcraft.audio.features import a_weighted_loudness
 from diffcraft.errors import ConfigError
 from diffcraft.models.autoencoder import DiffCraft
+from diffcraft.models.decoder import split_head
 
 F0_SOURCES = ("encoder", "crepe")
 
@@ -88,15 +89,13 @@ def timbre_transfer(model: DiffCraft, audio, f0_source: str = "encoder", pitch_s
     f0_hz = fill_unvoiced((f0_hz * 2.0 ** (pitch_shift / 12.0))[None])[0]
     loudness_db = loudness_db + loudness_offset
     decoder = model.decoder
-    names = ("amplitude_raw", "distribution_raw", "noise_raw")
-    sizes = [1, decoder.cfg.n_harmonics, decoder.cfg.n_noise_bands]
+    layout = decoder.cfg.head_layout()
 
     def controls(lo, hi):
         raw = decoder.controls(f0_hz[None, lo:hi], loudness_db[None, lo:hi])
-        return torch.cat([raw[k][0].float() for k in names], -1)
+        return torch.cat([raw[k][0].float() for k in layout], -1)
 
-    joined = chunked_frames(controls, f0_hz.shape[0])
-    raw = {k: v[None] for k, v in zip(names, joined.split(sizes, -1))}
+    raw = split_head(chunked_frames(controls, f0_hz.shape[0])[None], layout)
     out = decoder.synthesize(f0_hz[None], raw)["audio"][0, :n]
     return Transferred(out.cpu().numpy(), f0_hz.cpu().numpy(), loudness_db.cpu().numpy())
 

@@ -6,6 +6,7 @@ exports the same rules for editors.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -55,6 +56,8 @@ def _convert(value: Any, tp, where: str):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _key_tp, val_tp = get_args(tp) or (Any, Any)
         return {k: _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if hasattr(tp, "from_yaml"):  # a type that parses itself
+        return tp.from_yaml(value, where)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is bool:
@@ -136,6 +139,44 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def _require_field(node, name: str, where: str) -> None:
+    known = [f.name for f in dataclasses.fields(node) if f.init]
+    if name not in known:
+        raise ConfigError(f"unknown field {where + '.' if where else ''}{name} (known: {', '.join(sorted(known))})")
+
+
+def _sections(obj, key: str, parts: list[str]) -> list[tuple[str, Any]]:
+    """[(where, dataclass)] from `obj` down the dotted `parts`, each an existing section."""
+    chain, where = [("", obj)], ""
+    for part in parts:
+        _require_field(chain[-1][1], part, where)
+        where = f"{where}.{part}" if where else part
+        child = getattr(chain[-1][1], part)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"{key}: {part} is not a section")
+        chain.append((where, child))
+    return chain
+
+
+def with_values(obj, values: dict[str, Any]):
+    """A copy of dataclass `obj` with each dotted field in `values` set, the value checked and
+    converted as `from_dict` would (an error names the field) and every section on its path
+    validated again: the typed way to apply searched values to a config."""
+    out = copy.deepcopy(obj)
+    for key, value in values.items():
+        *parents, leaf = key.strip().split(".")
+        chain = _sections(out, key, parents)
+        where, node = chain[-1]
+        _require_field(node, leaf, where)
+        hint = typing.get_type_hints(type(node))[leaf]
+        setattr(node, leaf, _convert(value, hint, f"{where}.{leaf}" if where else leaf))
+        for section_where, section in reversed(chain):
+            check = getattr(section, "validate", None)
+            if check is not None:
+                check(section_where)
+    return out
+
+
 def set_dotted(data: dict, key: str, value) -> dict:
     """Set `a.b.c` in a nested mapping, creating sections on the way; the one dotted-key setter
     for command-line overrides and searched study parameters alike."""
@@ -160,6 +201,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         except ConfigError as err:
             raise ConfigError(f"override {item!r}: {err}") from None
     return data
+
+
+def to_plain(obj):
+    """The YAML (and JSON) data of a config: dataclasses as mappings, a type that parses itself
+    (`from_yaml`) as its `to_yaml()` says, tuples as lists; what `from_dict` reads back."""
+    if hasattr(obj, "to_yaml"):
+        return obj.to_yaml()
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {key: to_plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(value) for value in obj]
+    return obj
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -200,6 +255,8 @@ def _type_schema(tp) -> dict:
     if origin is dict:
         _key_tp, val_tp = get_args(tp) or (Any, Any)
         return {"type": "object", "additionalProperties": _type_schema(val_tp)}
+    if hasattr(tp, "yaml_schema"):
+        return tp.yaml_schema()
     if dataclasses.is_dataclass(tp):
         return json_schema(tp)
     simple = {bool: "boolean", int: "integer", float: "number", str: "string"}

@@ -1,4 +1,4 @@
-"""Studies on a real multi-node Ray cluster built on this machine (tests/clusterkit.py): a head that
+"""Studies on a real multi-node Ray cluster built on this machine (tests/kit): a head that
 runs drivers only (no CPUs, as in production) and three worker nodes of one CPU whose mount
 namespaces hide the launcher's folders, token auth on, the study's
 storage and feature cache in a real S3 API server, MLflow on a real tracking server. Everything
@@ -13,8 +13,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.clusterkit import (MlflowServer, RayCluster, S3Server, kill_group, mount_namespaces_allowed, read_output,
-                              run_driver, start_driver)
+from tests.kit import (MlflowServer, RayCluster, S3Server, kill_group, read_output, require_mount_namespaces_here,
+                       run_driver, start_driver)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -24,9 +24,7 @@ CLI = [sys.executable, "-m", "diffcraft.cli"]
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, synth_source):
     """S3 + MLflow server + a 3-node cluster; the synthetic source prepared into s3://bkt/cache."""
-    ok, why = mount_namespaces_allowed()
-    if not ok:
-        pytest.skip(f"mount namespaces are not allowed here: {why}")
+    require_mount_namespaces_here()
     tmp = tmp_path_factory.mktemp("cluster")
     launcher = tmp / "launcher"
     launcher.mkdir()
@@ -76,6 +74,9 @@ def test_trials_on_every_node_log_each_epoch_once(stack):
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     assert len({r.data.tags["train_node"] for r in runs}) == 3  # one CPU per worker node: each trained one
     assert_each_epoch_once(stack, runs, 2)
+    cluster = stack["cluster"]  # each worker staged the S3 cache onto its own disk; the head, running no trial, did not
+    assert all(list((cluster.scratch(f"w{i}") / "caches").glob("*/manifest.json")) for i in range(3))
+    assert not (cluster.scratch("head") / "caches").exists()
     client = MlflowClient(stack["mlflow"].uri)
     assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoint")}
     status = run_driver([*CLI, "study", "status", "spread", "--storage", "s3://bkt/studies"], env=stack["env"],

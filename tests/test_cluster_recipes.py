@@ -349,7 +349,7 @@ def test_the_cluster_study_keeps_everything_in_the_bucket_and_logs_to_a_server()
 
 
 def test_the_cluster_study_file_is_a_valid_study():
-    from diffcraft.study.schema import load_study
+    from diffcraft.study.studyfile import load_study
 
     study = load_study(STUDY)
     assert study.storage == "s3://diffcraft-studies/studies"

@@ -106,7 +106,7 @@ def test_prepare_reads_a_source_in_an_object_store_and_writes_the_cache_there(ra
 
     from diffcraft.data.cache import read_manifest
     from diffcraft.storage import Location
-    from tests.clusterkit import S3Server
+    from tests.kit import S3Server
 
     with S3Server() as s3:
         for key, value in s3.env.items():
@@ -129,3 +129,12 @@ def test_prepare_reads_a_source_in_an_object_store_and_writes_the_cache_there(ra
                 {e["arrays"][key]["sha256"] for e in local["files"].values()}
         train = ClipDataset("s3://data/cache", "train")
         assert str(train.cache).startswith(str(tmp_path / "scratch")) and train[0]["audio"].shape == (64000,)
+        # an array changed in the store (same size, other bytes): another node's staged copy is refused
+        entry = next(iter(manifest["files"].values()))
+        key = f"cache/files/{entry['dir']}/audio.npy"
+        body = client.get_object(Bucket="data", Key=key)["Body"].read()
+        client.put_object(Bucket="data", Key=key, Body=body[:-4] + bytes(b ^ 0xFF for b in body[-4:]))
+        monkeypatch.setenv("DIFFCRAFT_SCRATCH", str(tmp_path / "another-node"))
+        with pytest.raises(DataError, match=rf"{entry['dir']}/audio.npy: the copy does not match the manifest"):
+            ClipDataset("s3://data/cache", "train")
+        assert not list((tmp_path / "another-node").rglob("manifest.json"))  # no copy counts as staged

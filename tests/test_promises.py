@@ -14,7 +14,7 @@ import time
 import pytest
 
 from diffcraft.study.runner import run_study
-from diffcraft.study.schema import load_study
+from diffcraft.study.studyfile import load_study
 from tests.test_study import child_runs, write_study
 
 pytestmark = pytest.mark.slow

@@ -16,9 +16,11 @@ from mlflow.tracking import MlflowClient
 from diffcraft.audio.crepe import crepe_pitch
 from diffcraft.pitch import hz_to_cents
 from diffcraft.errors import CheckpointError
-from diffcraft.study.promote import resolve_checkpoint, promote
+from diffcraft.errors import StudyConfigError
+from diffcraft.model_uri import resolve_checkpoint
+from diffcraft.study.promote import promote
 from diffcraft.study.runner import run_study
-from diffcraft.study.schema import StudyConfigError, load_study
+from diffcraft.study.studyfile import load_study
 from diffcraft.train.checkpoint import model_from_checkpoint
 from diffcraft.transfer import timbre_transfer
 from tests.conftest import sine

@@ -1,7 +1,6 @@
 """Reviewing a study: MLflow opens on the runs, runs are named by what they test, and study-file
 mistakes are refused before Ray, MLflow or the study's folder exist."""
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import jsonschema
@@ -10,7 +9,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from diffcraft.cli import main
-from diffcraft.study.schema import StudyConfigError, file_schema, load_study, trial_label
+from diffcraft.errors import StudyConfigError
+from diffcraft.study.space import trial_label
+from diffcraft.study.studyfile import file_schema, load_study
 from tests.test_study import write_study
 
 STUDIES = Path(__file__).parent.parent / "studies"
@@ -85,11 +86,11 @@ def test_study_mistakes_are_refused_before_anything_starts(tmp_path, capsys, no_
 
 
 def test_a_study_name_used_by_a_different_file_is_refused_saying_what_differs(tmp_path, capsys, no_ray):
-    from diffcraft.study.state import save_state
+    from diffcraft.study.record import StudyRecord
 
     path = write_study(tmp_path, tmp_path / "cache")
     first = load_study(path)
-    save_state(first.location, {"name": "s", "study": asdict(first)})  # the study as it was started
+    StudyRecord("s", "", "", "", first.plain()).save(first.location)  # the study as it was started
     changed = load_study(path, ["run.train.epochs=5", "run.train.lr=0.01"])
     assert main(["study", "run", str(path), "--set", "run.train.epochs=5", "run.train.lr=0.01"]) == 2
     err = capsys.readouterr().err
@@ -147,8 +148,8 @@ def test_a_finished_study_reads_as_a_study_in_mlflow(ray_local, synth_cache, tmp
     """Experiment tagged for the model-training view, trial runs named by what varies, searched
     fields and the objective as columns, the parent run describing the result, and `status`
     showing a failed trial's error and where the rest of it is."""
-    from diffcraft.study.report import status_lines
     from diffcraft.study.runner import run_study
+    from diffcraft.study.status import status_lines
 
     path = write_study(tmp_path, synth_cache, run={"train": {"epochs": 1}}, objective={"metric": "val_mss_mean"},
                        search={"algorithm": "grid", "space": {"model.decoder.core": {"grid": ["gru"]},

@@ -24,7 +24,8 @@ import diffcraft.transfer
 from diffcraft.audio.io import load_audio
 from diffcraft.cli import main as cli_main
 from diffcraft.errors import CheckpointError
-from diffcraft.study.promote import promote, resolve_checkpoint
+from diffcraft.model_uri import resolve_checkpoint
+from diffcraft.study.promote import promote
 from diffcraft.train.checkpoint import model_from_checkpoint
 from tests.conftest import sine
 from tests.test_promote import finished_study  # noqa: F401 - the module's study, a fixture

@@ -4,7 +4,8 @@ import yaml
 
 from diffcraft.models.autoencoder import DiffCraft
 from diffcraft.models.sizing import count_parameters, matched_width, model_parameters
-from diffcraft.study.schema import StudyConfigError, load_study, variants
+from diffcraft.errors import StudyConfigError
+from diffcraft.study.studyfile import load_study
 from diffcraft.typed_yaml import from_dict
 from diffcraft.models.autoencoder import ModelConfig
 
@@ -41,7 +42,7 @@ def test_a_study_matches_parameters_per_trial_and_refuses_a_searched_width(tmp_p
                                                             "space": {"model.decoder.core": {"grid": ["gru", "bigru"]}}}}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study))
-    configs = {params["model.decoder.core"]: cfg for params, cfg in variants(load_study(path))}
+    configs = {params["model.decoder.core"]: cfg for params, cfg in load_study(path).variants()}
     assert configs["gru"].model.decoder.width == 48 and configs["bigru"].model.decoder.width < 48
     study["search"]["space"]["model.decoder.width"] = {"grid": [32, 64]}
     path.write_text(yaml.safe_dump(study))

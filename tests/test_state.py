@@ -10,8 +10,8 @@ import time
 import pytest
 
 from diffcraft.storage import Location
-from diffcraft.study.schema import StudyConfigError
-from diffcraft.study.state import LEASE, LEASE_TTL_S, acquire_lease
+from diffcraft.errors import StudyConfigError
+from diffcraft.study.lease import LEASE, LEASE_TTL_S, acquire_lease
 
 
 def write_lease(location: Location, host: str, pid: int, renewed_ago: float) -> None:

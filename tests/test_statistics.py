@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffcraft.study.report import Comparison, TrialRecord, report_rows
-from diffcraft.study.schema import StudyConfig
+from diffcraft.study.config import StudyConfig
+from diffcraft.study.report import Comparison, report_rows
+from diffcraft.study.status import TrialRecord
 from diffcraft.train.evaluate import summarize
 from diffcraft.train.metrics import mean_of_means, paired_difference, read_clip_table, write_clip_table
 

@@ -5,9 +5,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from diffcraft.study.report import status_lines, write_report
+from diffcraft.errors import StudyConfigError
+from diffcraft.study.report import write_report
 from diffcraft.study.runner import run_study
-from diffcraft.study.schema import StudyConfigError, load_study
+from diffcraft.study.status import status_lines
+from diffcraft.study.studyfile import load_study
 from diffcraft.train.metrics import read_clip_table
 
 TINY_RUN = {
@@ -130,18 +132,18 @@ def test_a_trial_run_records_the_epochs_its_worker_logged_after_the_stop(tmp_pat
     ends on what was logged, and once ended a worker sees it is no longer running."""
     from types import SimpleNamespace
 
-    from diffcraft.study.runner import open_study
-    from diffcraft.study.trial import end_trial_run
+    from diffcraft.study.outcome import end_trial_run
+    from diffcraft.study.record import StudyRecord
     from diffcraft.study.tracking import TrialRun
 
     study = load_study(write_study(tmp_path, synth_cache, run={"train": {"epochs": 4}},
                                    scheduler={"kind": "asha", "grace_epochs": 1, "reduction_factor": 2}))
-    state = open_study(study)
-    run = TrialRun.open(state["tracking_uri"], state["experiment_id"], state["parent_run_id"], "t1", {}, {})
+    record = StudyRecord.open(study)
+    run = TrialRun.open(record.tracking_uri, record.experiment_id, record.parent_run_id, "t1", {}, {})
     for epoch in range(logged):
         run.log_epoch({"epoch": epoch, "epoch_seconds": 0.1, "val_mss_mean": 1.0})
     assert run.is_running()
-    assert end_trial_run(study, state, SimpleNamespace(trial_id="t1", last_result={"epochs_done": 1})) == status
+    assert end_trial_run(study, record, SimpleNamespace(trial_id="t1", last_result={"epochs_done": 1})) == status
     assert not run.is_running()
     tags = run.client.get_run(run.run_id).data.tags
     assert tags.get("stopped_reason") == reason
@@ -380,7 +382,6 @@ def _train_trial_again(study, run_id: str, storage, log):
     from ray.train.torch import TorchTrainer
     from ray.train import UserCallback
 
-    from diffcraft.study.schema import run_config
     from diffcraft.study.worker import train_worker
 
     class Reports(UserCallback):
@@ -388,7 +389,7 @@ def _train_trial_again(study, run_id: str, storage, log):
             with open(log, "a") as f:
                 f.write(json.dumps(metrics[0]) + "\n")
 
-    cfg = run_config(study.run, {})
+    cfg = study.trial_config({})
     TorchTrainer(train_worker, train_loop_config={"study": study, "cfg": cfg, "run_id": run_id,
                                                   "tracking_uri": study.mlflow.tracking_uri},
                  scaling_config=ray.train.ScalingConfig(num_workers=1),
@@ -416,7 +417,7 @@ def test_optuna_suggestions_left_running_are_failed_once_the_study_ended(tmp_pat
     """A suggestion whose driver died before Tune recorded it never ends by itself."""
     import optuna
 
-    from diffcraft.study.runner import fail_orphan_suggestions, optuna_storage
+    from diffcraft.study.search import fail_orphan_suggestions, optuna_storage
 
     study = load_study(write_study(tmp_path, synth_cache, search={
         "algorithm": "optuna", "samples": 2, "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}))

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.clusterkit import S3Server, free_port, kill_group, read_output, start_driver
+from tests.kit import S3Server, free_port, kill_group, read_output, start_driver, unavailable
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -220,7 +220,7 @@ def postgres():
         pg = Postgres().start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
         print(f"\nSKIP team MLflow: PostgreSQL cannot be started here: {err}")
-        pytest.skip(f"PostgreSQL cannot be started here: {err}")
+        unavailable(f"PostgreSQL cannot be started here: {err}")
     try:
         r = subprocess.run(["sh", str(RECIPE / "postgres-init.sh")], capture_output=True, text=True, timeout=60,
                            env={**os.environ, **pg.env, "MLFLOW_DB_PASSWORD": DB_PW, "OPTUNA_DB_PASSWORD": OPTUNA_PW})

@@ -50,9 +50,7 @@ class ClipDataset(Dataset):
         return {k: torch.from_numpy(np.array(arrays[k][clip])) for k in ARRAYS}
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_arrays"] = {}
-        return state
+        return {**self.__dict__, "_arrays": {}}
 
 
 def split_sizes(cache: str | Path) -> dict[str, int]:

@@ -145,12 +145,134 @@ def _process_or_reason(source, cfg, audio_bytes, annotation_bytes):
         return err.problem
 
 
+@dataclass
+class CacheUpdate:
+    """One `prepare` run's changes to a cache: the manifest's entries kept, the files skipped and
+    the summary, with the manifest written after every finished file."""
+    cache: Location
+    source: str
+    cfg: PrepareConfig
+    entries: dict = field(default_factory=dict)  # source file -> its manifest entry
+    skipped: dict = field(default_factory=dict)  # source file -> {"reason", "sha256"}
+    summary: PrepareSummary = field(init=False)
+
+    def __post_init__(self):
+        self.summary = PrepareSummary(self.cache.uri)
+
+    @classmethod
+    def start(cls, cache: Location, source: str, cfg: PrepareConfig, files: list[SourceFile]) -> "CacheUpdate":
+        """What the cache holds of `files` with these parameters; entries of vanished files removed."""
+        manifest = read_manifest(cache) or {}
+        same = manifest.get("params") == cfg.params()
+        current = {f.key for f in files}
+        update = cls(cache, source, cfg, manifest.get("files", {}) if same else {},
+                     {rel: item for rel, item in (manifest.get("skipped", {}) if same else {}).items() if rel in current})
+        for rel in sorted(set(update.entries) - current):
+            (cache / "files" / update.entries.pop(rel)["dir"]).delete()
+            update.summary.removed.append(rel)
+        return update
+
+    def todo(self, files: list[SourceFile]) -> list[tuple[str, SourceFile, str]]:
+        """(key, file, content hash) of every file to compute; unchanged ones are counted reused,
+        known bad ones listed again, ones whose annotation is missing skipped."""
+        todo = []
+        for rel, src in {f.key: f for f in files}.items():
+            if src.annotation is not None and not (Location(src.annotation).exists() if src.remote
+                                                   else Path(src.annotation).is_file()):
+                self.skipped[rel] = {"reason": f"annotation {posixpath.basename(str(src.annotation))} is missing",
+                                     "sha256": None}
+                self.entries.pop(rel, None)
+                continue
+            digest = (hashlib.sha256(src.stamp.encode()).hexdigest() if src.remote
+                      else sha256_of(src.path, src.annotation))
+            entry = self.entries.get(rel)
+            if entry and entry["sha256"] == digest and (self.cache / "files" / entry["dir"]).exists():
+                self.summary.reused.append(rel)
+            elif self.skipped.get(rel, {}).get("sha256") != digest:  # known bad and unchanged: not recomputed
+                todo.append((rel, src, digest))
+        return todo
+
+    def record(self, rel: str, src: SourceFile, digest: str, result) -> None:
+        """Keep one task's result: its arrays written into the cache, or the reason it was skipped."""
+        if isinstance(result, str):
+            self.skipped[rel] = {"reason": result, "sha256": digest}
+            old = self.entries.pop(rel, None)
+            if old:
+                (self.cache / "files" / old["dir"]).delete()
+        else:
+            name = f"{src.name.split('.')[0][:60]}-{digest[:10]}"
+            arrays = write_arrays(self.cache, name, result)
+            old = self.entries.get(rel)
+            if old and old["dir"] != name:
+                (self.cache / "files" / old["dir"]).delete()
+            self.entries[rel] = {"sha256": digest, "song": src.song, "dir": name, "arrays": arrays,
+                                 "n_clips": int(result["audio"].shape[0])}
+            self.skipped.pop(rel, None)
+            self.summary.computed.append(rel)
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        """The manifest of what is kept now, with the split of its songs (the commit)."""
+        cfg, entries = self.cfg, self.entries
+        songs = sorted({e["song"] for e in entries.values()})
+        splits = assign_splits(songs, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed, cfg.split_file)
+        clips_per_song: dict[str, int] = {}
+        for entry in entries.values():
+            entry["split"] = splits[entry["song"]]
+            clips_per_song[entry["song"]] = clips_per_song.get(entry["song"], 0) + entry["n_clips"]
+        write_manifest(self.cache, {
+            "version": MANIFEST_VERSION, "source": str(self.source), "params": cfg.params(),
+            "splits": {**{name: getattr(cfg, name) for name in SPLIT_FIELDS},
+                       **{split: sorted(s for s in songs if splits[s] == split) for split in SPLITS}},
+            "split_warnings": split_warnings(splits, clips_per_song), "files": entries, "skipped": self.skipped})
+
+    def finish(self, started: float) -> PrepareSummary:
+        """The summary, from the manifest as written; DataError when no file was usable."""
+        summary = self.summary
+        summary.skipped = {rel: item["reason"] for rel, item in self.skipped.items()}
+        final = read_manifest(self.cache)
+        for entry in final["files"].values():
+            summary.n_clips[entry["split"]] = summary.n_clips.get(entry["split"], 0) + entry["n_clips"]
+        summary.warnings = final.get("split_warnings", [])
+        summary.seconds = sum(summary.n_clips.values()) * CLIP_SAMPLES / SAMPLE_RATE
+        summary.elapsed = time.time() - started
+        if not final["files"]:
+            raise DataError(f"{self.source}: no usable file; " +
+                            "; ".join(f"{k}: {v}" for k, v in summary.skipped.items()))
+        return summary
+
+
+def compute(update: CacheUpdate, todo: list, address: str | None, num_cpus: int | None, progress: bool) -> None:
+    """One Ray task per file (at most two per CPU in flight), each result kept as it arrives."""
+    from diffcraft.raytools import forwarded_env, ray_session
+
+    with ray_session(address, num_cpus) as ray:
+        # the store's endpoint and keys reach the tasks even on a Ray started before they were set
+        task = ray.remote(num_cpus=1, max_retries=1)(_process_or_reason).options(
+            runtime_env={"env_vars": forwarded_env()})
+        max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
+        pending, queue = {}, list(todo)
+        bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress)
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                rel, src, digest = queue.pop(0)
+                if src.remote:
+                    ref = task.remote(src, update.cfg, None, None)
+                else:
+                    ann = src.annotation.read_bytes() if src.annotation else None
+                    ref = task.remote(src, update.cfg, src.path.read_bytes(), ann)
+                pending[ref] = (rel, src, digest)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            update.record(*pending.pop(done[0]), ray.get(done[0]))
+            bar.update(1)
+            bar.set_postfix(skipped=len(update.skipped))
+        bar.close()
+
+
 def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = None,
             address: str | None = None, num_cpus: int | None = None, stems=None, instruments=None,
             metadata_dir=None, progress: bool = True) -> PrepareSummary:
     """Build or update the feature cache at `cache` from `source`; see the module docstring."""
-    from diffcraft.raytools import forwarded_env, ray_session
-
     started = time.time()
     cfg = cfg or PrepareConfig()
     cfg.validate()
@@ -161,97 +283,9 @@ def prepare(source: str | Path, cache: str | Path, cfg: PrepareConfig | None = N
     if cfg.split_file:  # refused before anything is computed
         assign_splits(sorted({f.song for f in files}), 0, 0, split_file=cfg.split_file)
     remove_leftovers(cache)
-    params = cfg.params()
-    manifest = read_manifest(cache) or {}
-    entries = manifest.get("files", {}) if manifest.get("params") == params else {}
-    summary = PrepareSummary(cache.uri)
-    current = {f.key: f for f in files}
-    for rel in sorted(set(entries) - set(current)):
-        (cache / "files" / entries.pop(rel)["dir"]).delete()
-        summary.removed.append(rel)
-    skipped = dict(manifest.get("skipped", {})) if manifest.get("params") == params else {}
-    for rel in list(skipped):
-        if rel not in current:
-            skipped.pop(rel)
-
-    def save_manifest():
-        songs = sorted({e["song"] for e in entries.values()})
-        splits = assign_splits(songs, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed, cfg.split_file)
-        clips_per_song: dict[str, int] = {}
-        for entry in entries.values():
-            entry["split"] = splits[entry["song"]]
-            clips_per_song[entry["song"]] = clips_per_song.get(entry["song"], 0) + entry["n_clips"]
-        write_manifest(cache, {
-            "version": MANIFEST_VERSION, "source": str(source), "params": params,
-            "splits": {**{name: getattr(cfg, name) for name in SPLIT_FIELDS},
-                       **{split: sorted(s for s in songs if splits[s] == split) for split in SPLITS}},
-            "split_warnings": split_warnings(splits, clips_per_song), "files": entries, "skipped": skipped})
-
-    todo = []
-    for rel, src in current.items():
-        if src.annotation is not None and not (Location(src.annotation).exists() if src.remote
-                                               else Path(src.annotation).is_file()):
-            skipped[rel] = {"reason": f"annotation {posixpath.basename(str(src.annotation))} is missing",
-                            "sha256": None}
-            entries.pop(rel, None)
-            continue
-        digest = (hashlib.sha256(src.stamp.encode()).hexdigest() if src.remote
-                  else sha256_of(src.path, src.annotation))
-        entry = entries.get(rel)
-        if entry and entry["sha256"] == digest and (cache / "files" / entry["dir"]).exists():
-            summary.reused.append(rel)
-        elif skipped.get(rel, {}).get("sha256") == digest:
-            continue  # known bad and unchanged: listed again, not recomputed
-        else:
-            todo.append((rel, src, digest))
-
+    update = CacheUpdate.start(cache, source, cfg, files)
+    todo = update.todo(files)
     if todo:
-        with ray_session(address, num_cpus) as ray:
-            # the store's endpoint and keys reach the tasks even on a Ray started before they were set
-            task = ray.remote(num_cpus=1, max_retries=1)(_process_or_reason).options(
-                runtime_env={"env_vars": forwarded_env()})
-            max_in_flight = max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
-            pending, queue = {}, list(todo)
-            bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress)
-            while queue or pending:
-                while queue and len(pending) < max_in_flight:
-                    rel, src, digest = queue.pop(0)
-                    if src.remote:
-                        ref = task.remote(src, cfg, None, None)
-                    else:
-                        ann = src.annotation.read_bytes() if src.annotation else None
-                        ref = task.remote(src, cfg, src.path.read_bytes(), ann)
-                    pending[ref] = (rel, src, digest)
-                done, _ = ray.wait(list(pending), num_returns=1)
-                rel, src, digest = pending.pop(done[0])
-                result = ray.get(done[0])
-                if isinstance(result, str):
-                    skipped[rel] = {"reason": result, "sha256": digest}
-                    old = entries.pop(rel, None)
-                    if old:
-                        (cache / "files" / old["dir"]).delete()
-                else:
-                    name = f"{src.name.split('.')[0][:60]}-{digest[:10]}"
-                    arrays = write_arrays(cache, name, result)
-                    old = entries.get(rel)
-                    if old and old["dir"] != name:
-                        (cache / "files" / old["dir"]).delete()
-                    entries[rel] = {"sha256": digest, "song": src.song, "dir": name, "arrays": arrays,
-                                    "n_clips": int(result["audio"].shape[0])}
-                    skipped.pop(rel, None)
-                    summary.computed.append(rel)
-                save_manifest()
-                bar.update(1)
-                bar.set_postfix(skipped=len(skipped))
-            bar.close()
-    save_manifest()
-    summary.skipped = {rel: item["reason"] for rel, item in skipped.items()}
-    final = read_manifest(cache)
-    for entry in final["files"].values():
-        summary.n_clips[entry["split"]] = summary.n_clips.get(entry["split"], 0) + entry["n_clips"]
-    summary.warnings = final.get("split_warnings", [])
-    summary.seconds = sum(summary.n_clips.values()) * CLIP_SAMPLES / SAMPLE_RATE
-    summary.elapsed = time.time() - started
-    if not final["files"]:
-        raise DataError(f"{source}: no usable file; " + "; ".join(f"{k}: {v}" for k, v in summary.skipped.items()))
-    return summary
+        compute(update, todo, address, num_cpus, progress)
+    update.save_manifest()
+    return update.finish(started)

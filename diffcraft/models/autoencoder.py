@@ -19,23 +19,38 @@ from diffcraft.models.decoder import DDSPDecoder, DecoderConfig
 from diffcraft.models.encoders import AudioEncoder, EncoderConfig
 
 
+STAGE_PARTS = {"decoder": ("decoder",), "encoder": ("encoder",), "joint": ("encoder", "decoder")}  # what exists
+
+
 @dataclass
 class ModelConfig:
-    stage: Literal["decoder", "encoder", "joint"] = "decoder"
+    stage: Literal["decoder", "encoder", "joint"] = "decoder"  # the parts that exist: STAGE_PARTS
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    @property
+    def has_encoder(self) -> bool:
+        return "encoder" in STAGE_PARTS[self.stage]
+
+    @property
+    def has_decoder(self) -> bool:
+        return "decoder" in STAGE_PARTS[self.stage]
+
+    @property
+    def is_vae(self) -> bool:
+        return self.has_encoder and self.encoder.latent == "vae"
 
 
 class DiffCraft(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = AudioEncoder(cfg.encoder) if cfg.stage in ("encoder", "joint") else None
-        self.decoder = DDSPDecoder(cfg.decoder) if cfg.stage in ("decoder", "joint") else None
+        self.encoder = AudioEncoder(cfg.encoder) if cfg.has_encoder else None
+        self.decoder = DDSPDecoder(cfg.decoder) if cfg.has_decoder else None
 
     @property
     def is_vae(self) -> bool:
-        return self.encoder is not None and self.cfg.encoder.latent == "vae"
+        return self.cfg.is_vae
 
     def forward(self, audio: torch.Tensor, f0_hz: torch.Tensor | None = None,
                 loudness_db: torch.Tensor | None = None) -> dict:

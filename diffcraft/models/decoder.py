@@ -34,6 +34,10 @@ class DecoderConfig:
         if self.reverb_seconds < 0 or self.latent_size < 0:
             raise ConfigError(f"{p}reverb_seconds and latent_size must not be negative")
 
+    def head_layout(self) -> dict[str, int]:
+        """The raw synthesiser controls the output head emits per frame, in order, with their sizes."""
+        return {"amplitude_raw": 1, "distribution_raw": self.n_harmonics, "noise_raw": self.n_noise_bands}
+
 
 def mlp(input_size: int, width: int, n_layers: int) -> nn.Sequential:
     layers, size = [], input_size
@@ -41,6 +45,11 @@ def mlp(input_size: int, width: int, n_layers: int) -> nn.Sequential:
         layers += [nn.Linear(size, width), nn.LayerNorm(width), nn.LeakyReLU(0.2)]
         size = width
     return nn.Sequential(*layers)
+
+
+def split_head(joined: torch.Tensor, layout: dict[str, int]) -> dict[str, torch.Tensor]:
+    """[..., sum of sizes] -> {control: [..., its size]}, the controls in `layout`'s order."""
+    return dict(zip(layout, joined.split(list(layout.values()), -1)))
 
 
 class DDSPDecoder(nn.Module):
@@ -57,7 +66,7 @@ class DDSPDecoder(nn.Module):
         self.z_mlp = mlp(cfg.latent_size, w, cfg.mlp_layers) if cfg.latent_size else None
         self.core = make_core(cfg.core, n_inputs * w, w, cfg.core_layers)
         self.out_mlp = mlp((n_inputs + 1) * w, w, cfg.mlp_layers)
-        self.head = nn.Linear(w, 1 + cfg.n_harmonics + cfg.n_noise_bands)
+        self.head = nn.Linear(w, sum(cfg.head_layout().values()))
         self.harmonic = synths.Harmonic(sample_rate, hop)
         self.noise = synths.FilteredNoise(hop)
         reverb_length = int(cfg.reverb_seconds * sample_rate)
@@ -71,8 +80,7 @@ class DDSPDecoder(nn.Module):
             hidden.append(self.z_mlp(z))
         stacked = torch.cat(hidden, dim=-1)
         out = self.head(self.out_mlp(torch.cat([self.core(stacked), stacked], dim=-1)))
-        amplitude, distribution, noise = out.split([1, self.cfg.n_harmonics, self.cfg.n_noise_bands], -1)
-        return {"amplitude_raw": amplitude, "distribution_raw": distribution, "noise_raw": noise}
+        return split_head(out, self.cfg.head_layout())
 
     def forward(self, f0_hz, loudness_db, z=None) -> dict[str, torch.Tensor]:
         """-> {'audio': [batch, frames * hop], 'harmonic', 'noise' (dry parts), raw controls}."""

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from diffcraft.errors import ConfigError
+from diffcraft.errors import ConfigError, StudyConfigError
 from diffcraft.raytools import forwarded_env
-from diffcraft.study.schema import StudyConfig, StudyConfigError
+from diffcraft.study.config import StudyConfig
 from diffcraft.study.tracking import require_server_for_cluster
 
 PACKAGE = Path(__file__).resolve().parent.parent

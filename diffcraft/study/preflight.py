@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffcraft.study.schema import StudyConfig
+from diffcraft.study.config import StudyConfig
 
 PROBE_TIMEOUT_S = 120.0
 

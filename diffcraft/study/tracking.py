@@ -14,20 +14,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from diffcraft import __version__
+from diffcraft.errors import StudyConfigError
 from diffcraft.raytools import is_local_address
+from diffcraft.train.names import EPOCH, EPOCH_SECONDS, KL_PER_DIM, VAL
 from diffcraft.typed_yaml import flatten
-from diffcraft.study.schema import StudyConfigError
 
 MAX_PARAMS_PER_BATCH = 100
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI picks an experiment's view from this tag ...
 MODEL_TRAINING = "custom_model_development"  # ... this value opens the runs table (else: the GenAI overview)
 NOTE = "mlflow.note.content"  # a run's description in the UI (markdown)
-
-
-def default_tracking_uri(uri: str = "") -> str:
-    """The configured URI, or an absolute SQLite file `mlflow.db` in the working directory (an
-    absolute URI, so every Ray worker writes to the same file whatever its working directory)."""
-    return uri or f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
 
 
 def _is_local(uri: str) -> bool:
@@ -71,19 +66,31 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def create_study_run(study, tracking_uri: str) -> tuple[str, str]:
+    """(experiment id, parent run id) of a study starting now: its experiment (found or
+    created) and a new parent run holding the study file."""
+    client = MlflowClient(tracking_uri)
+    experiment = experiment_id(client, study.mlflow.experiment or study.name, tracking_uri)
+    parent = client.create_run(experiment, run_name=f"study {study.name}",
+                               tags={"study": study.name, "role": "study", "code_version": code_version(),
+                                     "search": study.search.algorithm, "scheduler": study.scheduler.kind})
+    client.log_dict(parent.info.run_id, study.plain(), "study.yaml")
+    return experiment, parent.info.run_id
+
+
 def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
     """Tag the experiment for MLflow's model-training view, unless someone chose another view."""
     if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
 
 
-def ui_link(state: dict, ui: str = "http://127.0.0.1:5000") -> str:
+def ui_link(record, ui: str = "http://127.0.0.1:5000") -> str:
     """The study's runs table in the MLflow UI (`ui`: where `mlflow ui` serves a local store; a
     tracking server serves its own). MLflow 3.17's UI opens an experiment on the GenAI overview
     unless the link asks for the model-training view."""
-    uri = state["tracking_uri"]
+    uri = record.tracking_uri
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui
-    return f"{base}/#/experiments/{state['experiment_id']}/runs?workflowType=machine_learning"
+    return f"{base}/#/experiments/{record.experiment_id}/runs?workflowType=machine_learning"
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:
@@ -94,14 +101,15 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
             continue
         if isinstance(value, (int, float)) and math.isfinite(value):
             out[key] = float(value)
-        elif isinstance(value, (list, tuple)) and key in ("val_kl_per_dim",):
+        elif isinstance(value, (list, tuple)) and key == VAL + KL_PER_DIM:
             out.update({f"{key}_{i}": float(v) for i, v in enumerate(value) if math.isfinite(v)})
     return out
 
 
-def trial_runs(client: MlflowClient, state: dict) -> list:
-    """The MLflow runs of a study's trials (the children of its parent run)."""
-    return client.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
+def trial_runs(client: MlflowClient, record) -> list:
+    """The MLflow runs of a study's trials (the children of its parent run; `record`: its
+    `StudyRecord`)."""
+    return client.search_runs([record.experiment_id], f"tags.mlflow.parentRunId = '{record.parent_run_id}'",
                               max_results=10000)
 
 
@@ -145,7 +153,7 @@ class TrialRun:
         return cls(client, run_id)
 
     def log_epoch(self, metrics: dict) -> None:
-        self.log_metrics(metrics, int(metrics.get("epoch", 0)))
+        self.log_metrics(metrics, int(metrics.get(EPOCH, 0)))
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """The scalar metrics at `step`, in batches MLflow accepts."""
@@ -156,16 +164,16 @@ class TrialRun:
 
     def logged_epochs(self) -> set[int]:
         """The epochs this run has a record of (every epoch logs `epoch_seconds`)."""
-        return {m.step for m in self.client.get_metric_history(self.run_id, "epoch_seconds")}
+        return {m.step for m in self.client.get_metric_history(self.run_id, EPOCH_SECONDS)}
 
     def log_missing_epochs(self, history: list[dict]) -> list[int]:
         """Log the epochs of a checkpoint's history that MLflow lacks (a worker killed between
         its commit and its log); returns them."""
         logged = self.logged_epochs()
-        missing = [m for m in history if "epoch_seconds" in m and m["epoch"] not in logged]
+        missing = [m for m in history if EPOCH_SECONDS in m and m[EPOCH] not in logged]
         for metrics in missing:
             self.log_epoch(metrics)
-        return [m["epoch"] for m in missing]
+        return [m[EPOCH] for m in missing]
 
     def is_running(self) -> bool:
         """Whether the run is still open (the driver ends it when Tune ends the trial)."""

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from diffcraft.study.tracking import TrialRun, scalar_metrics
 from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
+from diffcraft.train.names import COLLAPSED, EPOCH, EPOCHS_DONE, RANK_WEIGHT_SPREAD, VAL_ACTIVE_UNITS
 from diffcraft.train.session import Session
 
 STATE_FILE = "state.pt"  # a checkpoint folder: the full training state ...
@@ -32,22 +34,20 @@ class CollapseGuard:
     def collapsed(self, history: list[dict]) -> bool:
         if not self.cfg.min_active_units:
             return False
-        recent = [m for m in history if "val_active_units" in m][-self.cfg.patience:]
+        recent = [m for m in history if VAL_ACTIVE_UNITS in m][-self.cfg.patience:]
         return len(recent) == self.cfg.patience and all(
-            m["val_active_units"] < self.cfg.min_active_units for m in recent)
+            m[VAL_ACTIVE_UNITS] < self.cfg.min_active_units for m in recent)
 
 
 def tune_report(metrics: dict, study, collapsed: bool) -> dict:
     """What Tune and Train's checkpoint ranking see: the scalar metrics, the epochs done (ASHA's
     time attribute), and the objective penalised when the guard says so."""
-    from diffcraft.study.tracking import scalar_metrics
-
     report = scalar_metrics(metrics)
-    report["epochs_done"] = metrics["epoch"] + 1
-    report["collapsed"] = float(collapsed)
+    report[EPOCHS_DONE] = metrics[EPOCH] + 1
+    report[COLLAPSED] = float(collapsed)
     if collapsed and study.collapse_guard.action == "penalize":
-        sign = 1 if study.objective.mode == "min" else -1
-        report[study.objective.metric] += sign * study.collapse_guard.penalty
+        metric = study.objective.metric
+        report[metric] = study.objective.penalized(report[metric], study.collapse_guard.penalty)
     return report
 
 
@@ -86,32 +86,33 @@ class RayTrainSession(Session):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / STATE_FILE)
+            saved = load_checkpoint(Path(folder) / STATE_FILE)
+        history = saved["history"]
         if self.run is not None:
-            self.run.log_missing_epochs(state["history"])
-        collapsed = self.guard.collapsed(state["history"])
-        state["stopped"] = collapsed and self.study.collapse_guard.action == "stop"
-        if state["stopped"] or state["epoch"] + 1 >= state["config"]["train"]["epochs"]:
+            self.run.log_missing_epochs(history)
+        collapsed = self.guard.collapsed(history)
+        saved["stopped"] = collapsed and self.study.collapse_guard.action == "stop"
+        if saved["stopped"] or saved["epoch"] + 1 >= saved["config"]["train"]["epochs"]:
             # the trial ended before its driver learnt it (a driver killed in between): say it again,
             # or Tune and the searcher would end it on the result before
-            ray.train.report(tune_report(state["history"][-1], self.study, collapsed) if self.rank == 0 else {},
+            ray.train.report(tune_report(history[-1], self.study, collapsed) if self.rank == 0 else {},
                              checkpoint=None)
-        return state
+        return saved
 
-    def commit(self, state: dict | None, metrics: dict, improved: bool) -> bool:
+    def commit(self, saved: dict | None, metrics: dict, improved: bool) -> bool:
         import ray.train
 
         stop = False
         if self.world > 1:  # data parallelism keeps the ranks' weights equal: the record says it did
             spread = self.weight_spread()
-            metrics["rank_weight_spread"] = spread
-        if state is None:
+            metrics[RANK_WEIGHT_SPREAD] = spread
+        if saved is None:
             ray.train.report({}, checkpoint=None)
         else:
-            collapsed = self.guard.collapsed(state["history"])
+            collapsed = self.guard.collapsed(saved["history"])
             report = tune_report(metrics, self.study, collapsed)
             with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(Path(folder) / STATE_FILE, state)
+                save_checkpoint(Path(folder) / STATE_FILE, saved)
                 (Path(folder) / METRICS_FILE).write_text(json.dumps(report))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
@@ -148,7 +149,6 @@ def train_worker(config: dict) -> None:
     import ray.train
     from mlflow.tracking import MlflowClient
 
-    from diffcraft.study.tracking import TrialRun
     from diffcraft.train.loop import train
 
     study, cfg = config["study"], config["cfg"]

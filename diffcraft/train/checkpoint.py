@@ -1,9 +1,10 @@
 """Checkpoints written atomically and read without executing pickled code.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, saved with torch.save
-into a temporary file in the same folder, fsynced, then renamed over the target: a kill leaves
-the previous checkpoint intact. Loading uses `weights_only=True`, which refuses any pickled
-object that is not plain data, so a crafted file cannot run code.
+into a temporary file in the same folder, fsynced, then renamed over the target
+(`storage.write_atomically`): a kill leaves the previous checkpoint intact. Loading uses
+`weights_only=True`, which refuses any pickled object that is not plain data, so a crafted file
+cannot run code.
 
 Checkpoints always load to the CPU, whatever device wrote them or will train on: the RNG states
 must stay CPU byte tensors, and the model moves to its device before its optimizer's state is
@@ -11,7 +12,6 @@ loaded (`train.loop.start`), so nothing is mixed across devices after a resume.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections import Counter
@@ -20,24 +20,15 @@ from pathlib import Path
 import torch
 
 from diffcraft.errors import CheckpointError
+from diffcraft.storage import write_atomically
 
 FORMAT = "diffcraft-checkpoint"
 VERSION = 1
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    saved = {"format": FORMAT, "version": VERSION, **state}
+    return write_atomically(Path(path), lambda handle: torch.save(saved, handle))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -66,14 +57,14 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu"):
     from diffcraft.models.autoencoder import DiffCraft
     from diffcraft.train.config import RunConfig
 
-    state = load_checkpoint(path)
+    saved = load_checkpoint(path)
     try:
-        cfg = from_dict(RunConfig, state["config"])
+        cfg = from_dict(RunConfig, saved["config"])
     except (ConfigError, KeyError) as err:
         raise CheckpointError(f"{path}: its stored config is not usable ({err})") from None
     model = DiffCraft(cfg.model)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(saved["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the stored config ({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), cfg
@@ -139,19 +130,19 @@ def describe_init(report: dict[str, dict]) -> str:
 def rng_state(device: torch.device | None = None) -> dict:
     """Every RNG stream a run draws from: torch's CPU generator and, for a run on a GPU, that
     GPU's generator (CPU byte tensors both, as torch hands them out)."""
-    state = {"cpu": torch.get_rng_state()}
+    streams = {"cpu": torch.get_rng_state()}
     if device is not None and torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+        streams["cuda"] = torch.cuda.get_rng_state(device)
+    return streams
 
 
-def set_rng_state(state: dict | torch.Tensor, device: torch.device | None = None) -> None:
+def set_rng_state(streams: dict | torch.Tensor, device: torch.device | None = None) -> None:
     """Restore what `rng_state` saved: the CPU stream, and the GPU stream on `device` when the run
     trains on one (older checkpoints kept one state per visible GPU: the device's own is taken)."""
-    if isinstance(state, torch.Tensor):  # checkpoints before the CUDA streams were kept
-        state = {"cpu": state}
-    torch.set_rng_state(state["cpu"].cpu())
-    cuda = state.get("cuda")
+    if isinstance(streams, torch.Tensor):  # checkpoints before the CUDA streams were kept
+        streams = {"cpu": streams}
+    torch.set_rng_state(streams["cpu"].cpu())
+    cuda = streams.get("cuda")
     if cuda is None or device is None or torch.device(device).type != "cuda":
         return
     device = torch.device(device)

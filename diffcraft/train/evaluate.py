@@ -14,10 +14,10 @@ import torch
 from diffcraft.losses import kl_terms
 from diffcraft.pitch import raw_chroma_accuracy, raw_pitch_accuracy
 from diffcraft.train.metrics import active_units, mean_se_sd
-from diffcraft.train.objective import VOICED, latent_kl_dims, loss_terms
+from diffcraft.train.loss import VOICED, latent_kl_dims, loss_terms
+from diffcraft.train.names import MEAN_NAMES
 
 MAX_LATENT_FRAMES = 200_000  # posterior means kept for active units (a random subset beyond)
-MEAN_NAMES = {"mss": "mss_mean"}  # where a mean's metric name is not the score's own
 
 
 @contextmanager

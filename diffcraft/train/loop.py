@@ -26,12 +26,14 @@ from diffcraft.losses import MultiScaleSpectralLoss
 from diffcraft.models.autoencoder import DiffCraft
 from diffcraft.nn.mamba import Mamba
 from diffcraft.nn.scan import announce_scan, use_scan
+from diffcraft.train import names
 from diffcraft.train.checkpoint import describe_init, init_weights, rng_state, set_rng_state
 from diffcraft.train.config import RunConfig
 from diffcraft.train.data import make_loaders
 from diffcraft.train.evaluate import evaluate
-from diffcraft.train.objective import beta_at, loss_terms, total_loss, validation_loss
+from diffcraft.train.loss import beta_at, loss_terms, total_loss, validation_loss
 from diffcraft.train.schedule import LRSchedule, schedule_epoch
+from diffcraft.train.selection import Objective
 from diffcraft.train.session import LocalSession, Session, resolve_device
 
 __all__ = ["TrainResult", "describe_epoch", "make_autocast", "train"]
@@ -56,17 +58,19 @@ class TrainResult:
 
 def describe_epoch(m: dict, epochs: int | None = None) -> str:
     """One progress line: the metrics a person reads first."""
-    parts = [f"epoch {m.get('epoch', -1) + 1}" + (f"/{epochs}" if epochs else "")]
-    if "val_mss_mean" in m:
-        parts.append(f"val_mss {m['val_mss_mean']:.4f} ± {m['val_mss_se']:.4f} (sd {m['val_mss_sd']:.4f})")
-    if "val_rpa" in m:
-        parts.append(f"rpa {m['val_rpa']:.3f} rca {m['val_rca']:.3f} loud_mae {m['val_loudness_mae_db']:.2f} dB")
-    if "val_kl" in m:
-        parts.append(f"kl {m['val_kl']:.3f} beta {m.get('beta', 0):.2g}")
-    if "val_active_units" in m:
-        parts.append(f"active {m['val_active_units']}/{m['val_latent_dims']}")
-    if "audio_seconds_per_second" in m:
-        parts.append(f"{m['audio_seconds_per_second']:.1f} audio-s/s")
+    parts = [f"epoch {m.get(names.EPOCH, -1) + 1}" + (f"/{epochs}" if epochs else "")]
+    mss = names.summary(names.MSS, names.VAL)
+    if mss[0] in m:
+        parts.append("val_mss {:.4f} ± {:.4f} (sd {:.4f})".format(*(m[key] for key in mss)))
+    if names.VAL + names.RPA in m:
+        pitch = [m[names.VAL + key] for key in (names.RPA, names.RCA, names.LOUDNESS_MAE_DB)]
+        parts.append("rpa {:.3f} rca {:.3f} loud_mae {:.2f} dB".format(*pitch))
+    if names.VAL + names.KL in m:
+        parts.append(f"kl {m[names.VAL + names.KL]:.3f} beta {m.get(names.BETA, 0):.2g}")
+    if names.VAL_ACTIVE_UNITS in m:
+        parts.append(f"active {m[names.VAL_ACTIVE_UNITS]}/{m[names.VAL_LATENT_DIMS]}")
+    if names.THROUGHPUT in m:
+        parts.append(f"{m[names.THROUGHPUT]:.1f} audio-s/s")
     return "  ".join(parts)
 
 
@@ -115,7 +119,7 @@ def scan_in_use(model: torch.nn.Module, cfg: RunConfig, device: torch.device) ->
     return announce_scan(device)
 
 
-def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss", "min"),
+def start(cfg: RunConfig, session: Session, select: tuple[str, str] = (names.VAL_LOSS, "min"),
           progress: bool = False) -> Run:
     """Build the run on the session's device; continue from the session's last commit when there is one."""
     device = session.device
@@ -131,21 +135,21 @@ def start(cfg: RunConfig, session: Session, select: tuple[str, str] = ("val_loss
               TrainResult(session.describe(), getattr(session, "run_dir", None)))
     run.result.scan = scan_in_use(model, cfg, device)
     session.record(scan=run.result.scan)
-    state = session.restore()
-    if state is not None:
+    saved = session.restore()
+    if saved is not None:
         try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state.get("lr_schedule", {}))
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved.get("lr_schedule", {}))
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{session.describe()}: the last checkpoint does not fit this run's config, so "
                                   f"it cannot be resumed ({str(err).splitlines()[0]}); use another run folder") from None
-        set_rng_state(state["rng"], device)
-        run.result.history, run.result.best, run.result.step = state["history"], state["best"], state["step"]
-        run.result.init_report = state.get("init_report", {})
-        run.start_epoch = cfg.train.epochs if state.get("stopped") else state["epoch"] + 1
+        set_rng_state(saved["rng"], device)
+        run.result.history, run.result.best, run.result.step = saved["history"], saved["best"], saved["step"]
+        run.result.init_report = saved.get("init_report", {})
+        run.start_epoch = cfg.train.epochs if saved.get("stopped") else saved["epoch"] + 1
         if progress:
-            print(f"resuming {session.where} after epoch {state['epoch']} (step {run.result.step})")
+            print(f"resuming {session.where} after epoch {saved['epoch']} (step {run.result.step})")
     elif cfg.train.init_paths:
         run.result.init_report = init_weights(model, cfg.train.init_paths)
         if progress:
@@ -176,8 +180,8 @@ def train_step(run: Run, batch: dict, beta: float) -> tuple[torch.Tensor, list[s
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
     run.optimizer.step()
     run.result.step += 1
-    names = ["train_loss", *("train_kl" if n == "kl_per_dim" else f"train_{n}" for n in terms)]
-    return torch.stack([loss.detach().float(), *(v.detach().float().sum() for v in terms.values())]), names
+    keys = [names.TRAIN_LOSS, *(names.TRAIN + (names.KL if n == names.KL_PER_DIM else n) for n in terms)]
+    return torch.stack([loss.detach().float(), *(v.detach().float().sum() for v in terms.values())]), keys
 
 
 def train_epoch(run: Run, epoch: int, progress: bool = False) -> tuple[dict, int, float]:
@@ -194,7 +198,7 @@ def train_epoch(run: Run, epoch: int, progress: bool = False) -> tuple[dict, int
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         run.schedule.before_step(run.result.step, epoch)
         beta = beta_at(cfg.loss, run.result.step, total_steps)
-        row, names = train_step(run, batch, beta)
+        row, keys = train_step(run, batch, beta)
         rows.append(row)
         betas.append(beta)
         if len(rows) % CHECK_EVERY == 0:
@@ -205,30 +209,23 @@ def train_epoch(run: Run, epoch: int, progress: bool = False) -> tuple[dict, int
         return {}, 0, time.time() - started
     table = torch.stack(rows).cpu()  # [steps, 1 + terms]: the epoch's values, read at once
     _first_nonfinite(table[:, 0], first_step, epoch)
-    sums = dict(zip(names, table.double().sum(0).tolist()))
+    sums = dict(zip(keys, table.double().sum(0).tolist()))
     if run.model.is_vae:
-        sums["beta"] = float(sum(betas))
+        sums[names.BETA] = float(sum(betas))
     return sums, len(rows), time.time() - started
 
 
 def epoch_metrics(run: Run, epoch: int, sums: dict, n_steps: int, seconds: float) -> dict:
     """Rank 0's record of an epoch: training averages, throughput and the validation metrics."""
     world, batch = run.session.world, run.train_loader.batch_size
-    metrics = {"epoch": epoch, "step": run.result.step, "lr": run.optimizer.param_groups[0]["lr"],
-               **{k: v / max(1, n_steps) for k, v in sums.items()}, "epoch_seconds": seconds,
-               "audio_seconds_per_second": world * n_steps * batch * CLIP_SAMPLES / SAMPLE_RATE / max(seconds, 1e-9),
+    metrics = {names.EPOCH: epoch, names.STEP: run.result.step, names.LR: run.optimizer.param_groups[0]["lr"],
+               **{k: v / max(1, n_steps) for k, v in sums.items()}, names.EPOCH_SECONDS: seconds,
+               names.THROUGHPUT: world * n_steps * batch * CLIP_SAMPLES / SAMPLE_RATE / max(seconds, 1e-9),
                **evaluate(run.model, run.val_loader, run.mss_fn, run.session.device, run.autocast)}
-    metrics["val_loss"] = validation_loss(metrics, run.cfg)
-    if not math.isfinite(metrics["val_loss"]):
-        raise FloatingPointError(f"epoch {epoch}: validation loss is {metrics['val_loss']}")
+    metrics[names.VAL_LOSS] = validation_loss(metrics, run.cfg)
+    if not math.isfinite(metrics[names.VAL_LOSS]):
+        raise FloatingPointError(f"epoch {epoch}: validation loss is {metrics[names.VAL_LOSS]}")
     return metrics
-
-
-def improves(metrics: dict, best: dict, select: tuple[str, str]) -> bool:
-    key, mode = select
-    if not best or key not in best:
-        return True
-    return metrics[key] < best[key] if mode == "min" else metrics[key] > best[key]
 
 
 def commit(run: Run, epoch: int, metrics: dict | None) -> bool:
@@ -237,19 +234,19 @@ def commit(run: Run, epoch: int, metrics: dict | None) -> bool:
         run.result.history.append({"epoch": epoch, "step": run.result.step})
         return run.session.commit(None, {}, False)
     run.result.history.append(metrics)
-    improved = improves(metrics, run.result.best, run.select)
+    improved = Objective(*run.select).improves(metrics, run.result.best)
     if improved:
         run.result.best = dict(metrics)
-    state = {"config": asdict(run.cfg), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+    saved = {"config": asdict(run.cfg), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "epoch": epoch, "step": run.result.step, "history": run.result.history, "best": run.result.best,
              "rng": rng_state(run.session.device), "lr_schedule": run.schedule.state_dict(),
              "init_report": run.result.init_report, "scan": run.result.scan}
-    return run.session.commit(state, metrics, improved)
+    return run.session.commit(saved, metrics, improved)
 
 
 def train(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = True,
           on_epoch: Callable[[dict, Path], bool | None] | None = None, session: Session | None = None,
-          select: tuple[str, str] = ("val_loss", "min")) -> TrainResult:
+          select: tuple[str, str] = (names.VAL_LOSS, "min")) -> TrainResult:
     """Train `cfg` in `session` (default: this machine, checkpoints in out_dir/checkpoints,
     resumed from last.pt when it exists; `on_epoch(metrics, last_path)` may return True to stop).
     Rank 0 evaluates and commits; other ranks train their shard and join each commit."""

@@ -44,13 +44,13 @@ class LRSchedule:
     def state_dict(self) -> dict:
         return {"kind": self.cfg.lr_schedule, **({"plateau": self.plateau.state_dict()} if self.plateau else {})}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state_dict: dict) -> None:
         """Restore what `state_dict()` saved (ValueError: a plateau run's checkpoint without its state)."""
         if self.plateau is not None:
-            if "plateau" not in state:
-                kind = state.get("kind", "exponential")
+            if "plateau" not in state_dict:
+                kind = state_dict.get("kind", "exponential")
                 raise ValueError(f"it holds no plateau schedule state (its schedule: {kind})")
-            self.plateau.load_state_dict(state["plateau"])
+            self.plateau.load_state_dict(state_dict["plateau"])
 
 
 def schedule_epoch(run, metrics: dict | None) -> None:

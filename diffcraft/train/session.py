@@ -36,13 +36,13 @@ class Session:
         return model.to(self.device)
 
     def restore(self) -> dict | None:
-        """The state of the last committed epoch, on the CPU (`stopped` set when the run must not
+        """What the last committed epoch's checkpoint holds, on the CPU (`stopped` set when the run must not
         go on), or None for a fresh run."""
         return None
 
-    def commit(self, state: dict | None, metrics: dict, improved: bool) -> bool:
-        """Persist an epoch (rank 0 passes the state and metrics; other ranks None and {}) and
-        return whether the run stops here, the same answer on every rank."""
+    def commit(self, saved: dict | None, metrics: dict, improved: bool) -> bool:
+        """Persist an epoch (rank 0 passes what the checkpoint holds and the metrics; other ranks
+        None and {}) and return whether the run stops here, the same answer on every rank."""
         return False
 
     def record(self, **tags: str) -> None:
@@ -71,10 +71,10 @@ class LocalSession(Session):
         last = self.checkpoints / "last.pt"
         return load_checkpoint(last) if last.is_file() else None
 
-    def commit(self, state: dict | None, metrics: dict, improved: bool) -> bool:
+    def commit(self, saved: dict | None, metrics: dict, improved: bool) -> bool:
         if improved:
-            save_checkpoint(self.checkpoints / "best.pt", state)
-        last = save_checkpoint(self.checkpoints / "last.pt", state)
+            save_checkpoint(self.checkpoints / "best.pt", saved)
+        last = save_checkpoint(self.checkpoints / "last.pt", saved)
         return bool(self.on_epoch(metrics, last)) if self.on_epoch else False
 
     def describe(self) -> str:

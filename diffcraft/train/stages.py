@@ -1,50 +1,36 @@
 """What a run config's stage reports each epoch, which config fields it reads, and which sizes a
-training clip can hold: declared next to the loop that produces them, so a study can be checked
-before anything trains. `tests/test_review.py` trains one epoch of every stage and compares the
+training clip can hold: declared next to the loop that produces them (the names themselves are
+`train.names`), so a study can be checked before anything trains. `tests/test_review.py` trains one epoch of every stage and compares the
 keys it reports with `epoch_metric_names`, so the declaration cannot drift from the loop.
 """
 from __future__ import annotations
 
 from diffcraft import CLIP_SAMPLES, CLIP_SECONDS
 from diffcraft.train.config import RunConfig
+from diffcraft.train.names import (BETA, EPOCH, EPOCH_SECONDS, F0_LOSS, KL, KL_PER_DIM, LATENT_VARIANCE, LOUDNESS_LOSS,
+                                   LOUDNESS_MAE_DB, LR, MEAN_SIGMA, MSS, N_CLIPS, PER_DIMENSION, RCA, RPA, SHUFFLE_GAP,
+                                   STEP, THROUGHPUT, TRAIN, TRAIN_LOSS, VAL, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS,
+                                   VAL_LOSS, summary_names)
 
-PER_DIMENSION = ("val_latent_variance", "val_kl_per_dim")  # lists, one value per latent dimension
-
-
-def has_decoder(cfg: RunConfig) -> bool:
-    return cfg.model.stage in ("decoder", "joint")
-
-
-def has_encoder(cfg: RunConfig) -> bool:
-    return cfg.model.stage in ("encoder", "joint")
-
-
-def is_vae(cfg: RunConfig) -> bool:
-    return has_encoder(cfg) and cfg.model.encoder.latent == "vae"
+DECODER_SCORES = (MSS,)  # the per-clip scores of each part, as the validation summaries report them
+ENCODER_SCORES = (F0_LOSS, LOUDNESS_LOSS, RPA, RCA, LOUDNESS_MAE_DB)
+VAE_SCORES = (KL,)
 
 
 def epoch_metric_names(cfg: RunConfig) -> set[str]:
     """The keys of one epoch's metrics (`train.loop.epoch_metrics`) for `cfg`, given two
     validation clips or more (the z-shuffle gap compares clips within a batch)."""
-    names = {"epoch", "step", "lr", "epoch_seconds", "audio_seconds_per_second", "train_loss", "val_loss",
-             "val_n_clips"}
-    if has_decoder(cfg):
-        names |= {"train_mss"} | clip_metric_names(["mss"], "val_")
-    if has_encoder(cfg):
-        names |= {"train_f0_loss", "train_loudness_loss", "val_active_units", "val_latent_dims", "val_latent_variance"}
-        names |= clip_metric_names(["f0_loss", "loudness_loss", "rpa", "rca", "loudness_mae_db"], "val_")
+    names = {EPOCH, STEP, LR, EPOCH_SECONDS, THROUGHPUT, TRAIN_LOSS, VAL_LOSS, VAL + N_CLIPS}
+    if cfg.model.has_decoder:
+        names |= {TRAIN + MSS} | summary_names(DECODER_SCORES, VAL)
+    if cfg.model.has_encoder:
+        names |= {TRAIN + F0_LOSS, TRAIN + LOUDNESS_LOSS, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS, VAL + LATENT_VARIANCE}
+        names |= summary_names(ENCODER_SCORES, VAL)
         if cfg.data.batch_size >= 2 and cfg.data.validation_clips != 1:
-            names.add("val_shuffle_gap")
-    if is_vae(cfg):
-        names |= {"beta", "train_kl", "val_kl_per_dim", "val_mean_sigma"} | clip_metric_names(["kl"], "val_")
+            names.add(VAL + SHUFFLE_GAP)
+    if cfg.model.is_vae:
+        names |= {BETA, TRAIN + KL, VAL + KL_PER_DIM, VAL + MEAN_SIGMA} | summary_names(VAE_SCORES, VAL)
     return names
-
-
-def clip_metric_names(scores: list[str], prefix: str) -> set[str]:
-    """What `train.evaluate.summarize` reports for per-clip scores: mean, standard error, SD."""
-    from diffcraft.train.evaluate import MEAN_NAMES
-
-    return {prefix + MEAN_NAMES.get(s, s) for s in scores} | {f"{prefix}{s}_{k}" for s in scores for k in ("se", "sd")}
 
 
 def scalar_metric_names(cfg: RunConfig) -> set[str]:
@@ -55,14 +41,14 @@ def scalar_metric_names(cfg: RunConfig) -> set[str]:
 def ignored_fields(cfg: RunConfig) -> dict[str, str]:
     """Dotted config sections and fields that training `cfg` never reads -> why."""
     out = {}
-    if not has_encoder(cfg):
+    if not cfg.model.has_encoder:
         out.update({"model.encoder": "the decoder stage has no encoder",
                     "loss.f0": "the decoder stage has no F0 estimate",
                     "loss.loudness": "the decoder stage has no loudness estimate"})
-    if not has_decoder(cfg):
+    if not cfg.model.has_decoder:
         out.update({"model.decoder": "the encoder stage has no decoder",
                     "loss.mss": "the encoder stage synthesises no audio"})
-    if not is_vae(cfg):
+    if not cfg.model.is_vae:
         out["loss.kl"] = "only VAE latents (model.encoder.latent: vae) have a KL term"
     else:
         schedule = cfg.loss.kl.schedule
@@ -83,7 +69,7 @@ def ignores(cfg: RunConfig, key: str) -> str | None:
 def clip_fit_problems(cfg: RunConfig) -> dict[str, str]:
     """Dotted fields whose sizes a training clip (CLIP_SECONDS long) cannot hold -> the problem."""
     out = {}
-    if has_decoder(cfg):
+    if cfg.model.has_decoder:
         d = cfg.model.decoder
         if d.reverb_seconds > CLIP_SECONDS:
             out["model.decoder.reverb_seconds"] = (

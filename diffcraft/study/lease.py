@@ -1,5 +1,4 @@
-"""A study's own record in its storage location: `study.json` (the study file as started, its
-MLflow experiment and parent run) and `lease.json` (which driver runs it now).
+"""The study's lease in its storage location, `lease.json`: which driver runs the study now.
 
 The lease keeps two drivers off one study: the holder renews it every few seconds; another driver
 is refused with the holder's host, process and start time. A holder that is provably dead (same
@@ -17,30 +16,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from diffcraft.errors import StudyConfigError
 from diffcraft.storage import Location
-from diffcraft.study.schema import StudyConfig, StudyConfigError
 
-STATE = "study.json"
 LEASE = "lease.json"
 LEASE_RENEW_S = 5.0
 LEASE_TTL_S = 60.0
-
-
-def load_state(location: Location) -> dict | None:
-    text = (location / STATE).read_text()
-    return json.loads(text) if text is not None else None
-
-
-def save_state(location: Location, state: dict) -> None:
-    (location / STATE).write_text(json.dumps(state, indent=1))
-
-
-def started_state(study: StudyConfig) -> dict:
-    """The saved state of a study that has been started, or an error saying it has not."""
-    state = load_state(study.location)
-    if state is None:
-        raise StudyConfigError(f"{study.location}: study {study.name!r} has not been started")
-    return state
 
 
 def _pid_alive(pid: int) -> bool:

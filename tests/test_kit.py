@@ -1,5 +1,5 @@
 """The cluster harness itself: a real 3-node Ray cluster without a shared filesystem, a moto S3
-server and an MLflow server, all on this machine (see clusterkit.py).
+server and an MLflow server, all on this machine (see tests/kit/README.md).
 
 One cluster (head + 2 workers) and the two servers are shared by the tests of this module and
 stopped by the last one, which checks that nothing of them survives.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from clusterkit import (ClusterKitError, MlflowServer, RayCluster, S3Server, kill_group,
-                        mount_namespaces_allowed, no_leftover_processes, run_driver, start_driver,
-                        wait_for_output)
+from tests.kit import (ClusterKitError, MlflowServer, RayCluster, S3Server, kill_group, no_leftover_processes,
+                       require_mount_namespaces_here, run_driver, start_driver, wait_for_output)
+from tests.kit.processes import _http
 
 pytestmark = pytest.mark.cluster
 
@@ -26,11 +26,12 @@ SECRET = "launcher-only.txt"
 
 
 def _result(proc) -> dict:
-    """The JSON a driver printed after 'RESULT '."""
+    """The JSON a driver printed after 'RESULT ' (Ray may write a worker's log line into the same
+    line of the driver's stdout before its newline: what follows the JSON is not part of it)."""
     assert proc.returncode == 0, f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.JSONDecoder().raw_decode(line[len("RESULT "):])[0]
     raise AssertionError(f"no RESULT line:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
@@ -40,9 +41,7 @@ def _python(script: str, *args, env: dict, cwd=None, timeout: float = 150):
 
 @pytest.fixture(scope="module")
 def ns_ok():
-    ok, why = mount_namespaces_allowed()
-    if not ok:
-        pytest.skip(why)
+    require_mount_namespaces_here()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,8 @@ path = sys.argv[1]
 def view(path, write):
     import os, ray
     out = {"node_id": ray.get_runtime_context().get_node_id(),
-           "listing": sorted(os.listdir(path)) if os.path.isdir(path) else None}
+           "listing": sorted(os.listdir(path)) if os.path.isdir(path) else None,
+           "scratch": os.environ.get("DIFFCRAFT_SCRATCH")}
     if write:
         with open(os.path.join(path, "written-on-a-worker.txt"), "w") as f:
             f.write("x")
@@ -108,8 +108,6 @@ print("RESULT " + json.dumps({n: ray.get(r, timeout=90) for n, r in refs.items()
 
 def test_nodes_join_with_token_and_workers_do_not_see_hidden_folder(cluster, launcher):
     # token auth is on: the dashboard refuses a request without the cluster's token
-    from clusterkit import _http
-
     assert _http(cluster.dashboard + "/api/v0/nodes")[0] == 401
     assert _http(cluster.dashboard + "/api/v0/nodes", cluster.auth_headers)[0] == 200
     assert len(cluster.wait_nodes(3, timeout=30)) == 3
@@ -121,6 +119,10 @@ def test_nodes_join_with_token_and_workers_do_not_see_hidden_folder(cluster, lau
     ids = {n: out[n]["node_id"] for n in ("head", "w0", "w1")}
     assert len(set(ids.values())) == 3
     assert ids == {n: cluster.node_id(n) for n in ids}
+    # each node stages caches into its own scratch folder, below the cluster's temp root, not in home
+    assert {n: out[n]["scratch"] for n in ids} == {n: str(cluster.scratch(n)) for n in ids}
+    assert all(cluster.scratch(n).is_relative_to(cluster.temp_root) for n in ids)
+    assert cluster.env["DIFFCRAFT_SCRATCH"] == str(cluster.scratch("launcher"))
     # what the workers wrote there stayed on the workers
     assert sorted(os.listdir(launcher)) == [SECRET]
 

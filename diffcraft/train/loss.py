@@ -1,11 +1,13 @@
-"""The training objective: the loss terms a stage uses, weighted and summed. The weights live
-here alone: the training loss and the validation loss that picks checkpoints both use `weighted`."""
+"""The training loss: the loss terms a stage uses, weighted and summed. The weights live here
+alone: the training loss and the validation loss both use `weighted`. (What picks the best epoch
+or trial is the objective, `train.selection`.)"""
 from __future__ import annotations
 
 import torch
 
 from diffcraft.losses import f0_loss, kl_beta, kl_per_dim, kl_with_free_bits, loudness_loss
 from diffcraft.train.config import LossConfig, RunConfig
+from diffcraft.train.names import F0_LOSS, KL_PER_DIM, LOUDNESS_LOSS, MSS, VAL, mean_name
 
 VOICED = 0.5  # voicing confidence at or above which a frame counts as voiced
 
@@ -27,14 +29,14 @@ def loss_terms(out: dict, batch: dict, mss_fn, per_example: bool = False) -> dic
     terms = {}
     if "f0_logits" in out:
         voiced = batch["voicing"] >= VOICED
-        terms["f0_loss"] = f0_loss(out["f0_logits"], batch["f0_hz"], voiced, per_example)
-        terms["loudness_loss"] = loudness_loss(out["loudness_db"], batch["loudness_db"], per_example)
+        terms[F0_LOSS] = f0_loss(out["f0_logits"], batch["f0_hz"], voiced, per_example)
+        terms[LOUDNESS_LOSS] = loudness_loss(out["loudness_db"], batch["loudness_db"], per_example)
         kl_dims = latent_kl_dims(out["latents"])
         if kl_dims is not None:
-            terms["kl_per_dim"] = kl_dims
+            terms[KL_PER_DIM] = kl_dims
     if "synth" in out:
         audio = out["synth"]["audio"].float()
-        terms["mss"] = mss_fn.per_example(audio, batch["audio"]) if per_example else mss_fn(audio, batch["audio"])
+        terms[MSS] = mss_fn.per_example(audio, batch["audio"]) if per_example else mss_fn(audio, batch["audio"])
     return terms
 
 
@@ -49,14 +51,14 @@ def weighted(cfg: RunConfig, mss=None, f0=None, loudness=None):
 
 
 def total_loss(terms: dict, cfg: RunConfig, beta: float) -> torch.Tensor:
-    total = weighted(cfg, terms["mss"].mean() if "mss" in terms else None, terms.get("f0_loss"),
-                     terms.get("loudness_loss"))
-    if "kl_per_dim" in terms:
-        total = total + beta * kl_with_free_bits(terms["kl_per_dim"], cfg.loss.kl.free_bits)
+    total = weighted(cfg, terms[MSS].mean() if MSS in terms else None, terms.get(F0_LOSS),
+                     terms.get(LOUDNESS_LOSS))
+    if KL_PER_DIM in terms:
+        total = total + beta * kl_with_free_bits(terms[KL_PER_DIM], cfg.loss.kl.free_bits)
     return total
 
 
 def validation_loss(metrics: dict, cfg: RunConfig) -> float:
     """The weighted validation loss that picks the best checkpoint (KL left out)."""
-    return float(weighted(cfg, metrics.get("val_mss_mean"), metrics.get("val_f0_loss"),
-                          metrics.get("val_loudness_loss")))
+    return float(weighted(cfg, metrics.get(mean_name(MSS, VAL)), metrics.get(VAL + F0_LOSS),
+                          metrics.get(VAL + LOUDNESS_LOSS)))

@@ -1,0 +1,72 @@
+"""Where model URIs become files: the one place that turns `models:/NAME@ALIAS`,
+`models:/NAME/VERSION`, `models:/MODEL_ID`, `runs:/ID/...`, a bare MLflow run id, an MLflow Model
+folder or a checkpoint path into a local checkpoint file. Timbre transfer, serving, figures and
+promotion use it; it needs MLflow only for a URI that lives there, and knows nothing of studies.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from diffcraft.errors import CheckpointError
+
+CHECKPOINT_ARTIFACT = "checkpoint"  # the MLflow Model artifact (of a promoted model) holding best.pt
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id, as told apart from a path or a model URI
+
+
+def default_tracking_uri(uri: str = "") -> str:
+    """The configured URI, or an absolute SQLite file `mlflow.db` in the working directory (an
+    absolute URI, so every Ray worker writes to the same file whatever its working directory)."""
+    return uri or f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+
+def _download(uri: str, tracking_uri: str | None, dst: Path | None) -> Path:
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+    except Exception as err:  # noqa: BLE001 - any store error means there is nothing to load
+        raise CheckpointError(f"{uri}: cannot be resolved at MLflow {mlflow.get_tracking_uri()} "
+                              f"({str(err).splitlines()[0]})") from None
+
+
+def _model_checkpoint(uri: str, folder: Path) -> Path:
+    """The checkpoint artifact inside an MLflow Model folder (what `diffcraft promote` logs)."""
+    from mlflow.models import Model
+
+    artifacts = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}).get("artifacts") or {}
+    if CHECKPOINT_ARTIFACT not in artifacts:
+        raise CheckpointError(f"{uri}: an MLflow Model without a {CHECKPOINT_ARTIFACT!r} artifact, "
+                              f"not a promoted diffcraft model")
+    return folder / artifacts[CHECKPOINT_ARTIFACT]["path"]
+
+
+def resolve_checkpoint(uri: str, tracking_uri: str | None = None, dst: Path | None = None) -> Path:
+    """A local best.pt for `models:/...`, `runs:/ID/checkpoint`, an MLflow Model folder, or a
+    checkpoint file or folder. In an MLflow Model (what `promote` registers) the checkpoint is its
+    artifact `checkpoint`; versions registered before that are the checkpoint folder itself."""
+    path = _download(uri, tracking_uri, dst) if uri.startswith(("models:/", "runs:/")) else Path(uri)
+    if (path / "MLmodel").is_file():
+        path = _model_checkpoint(uri, path)
+    elif path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{uri}: no such checkpoint")
+    return path
+
+
+def resolve_source(source: str, tracking_uri: str, dst: Path) -> tuple[Path, str | None]:
+    """(local checkpoint, run id or None): `resolve_checkpoint`, where a bare MLflow run id (that
+    is not also a file here) means that run's checkpoint/best.pt."""
+    if not RUN_ID.fullmatch(source) or Path(source).exists():
+        return resolve_checkpoint(source, tracking_uri, dst), None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).get_run(source)
+    except MlflowException:
+        raise CheckpointError(f"{source}: no such run at MLflow {tracking_uri} (and no such file)") from None
+    return resolve_checkpoint(f"runs:/{source}/checkpoint/best.pt", tracking_uri, dst), source
