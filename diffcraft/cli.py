@@ -223,9 +223,9 @@ def _cmd_figures(args) -> None:
                         "(--cache, --split pick others)") from None
     print("\n".join(f"wrote {path}" for path in paths))
     if run_id:
-        from mlflow.tracking import MlflowClient
+        from diffcraft.model_uri import tracking_client
 
-        client = MlflowClient(tracking_uri)
+        client = tracking_client(tracking_uri)
         for path in paths:
             client.log_artifact(run_id, str(path), "figures")
         print(f"logged to run {run_id} under figures/ (MLflow {tracking_uri})")

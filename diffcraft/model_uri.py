@@ -20,11 +20,26 @@ def default_tracking_uri(uri: str = "") -> str:
     return uri or f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
 
 
+def tracking_client(uri: str):
+    """An MlflowClient for `uri`, its `${VAR}` references resolved here (the URI itself is kept
+    and logged unresolved)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(usable_tracking_uri(uri))
+
+
+def usable_tracking_uri(uri: str) -> str:
+    """`uri` with its `${VAR}` references resolved from this process's environment."""
+    from diffcraft.envref import resolve
+
+    return resolve(uri, "mlflow.tracking_uri")
+
+
 def _download(uri: str, tracking_uri: str | None, dst: Path | None) -> Path:
     import mlflow
 
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(usable_tracking_uri(tracking_uri))
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
     except Exception as err:  # noqa: BLE001 - any store error means there is nothing to load
@@ -63,10 +78,9 @@ def resolve_source(source: str, tracking_uri: str, dst: Path) -> tuple[Path, str
     if not RUN_ID.fullmatch(source) or Path(source).exists():
         return resolve_checkpoint(source, tracking_uri, dst), None
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(tracking_uri).get_run(source)
+        tracking_client(tracking_uri).get_run(source)
     except MlflowException:
         raise CheckpointError(f"{source}: no such run at MLflow {tracking_uri} (and no such file)") from None
     return resolve_checkpoint(f"runs:/{source}/checkpoint/best.pt", tracking_uri, dst), source

@@ -6,17 +6,24 @@ from contextlib import contextmanager
 
 from diffcraft.errors import ConfigError
 
-# Credentials and endpoints a trial may need, passed from the driver's environment to every Ray
-# worker through the job's runtime environment (never written into study files, params or logs).
-# DIFFCRAFT_SCRATCH is not among them: where a node stages caches is that node's own setting.
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
-                 "GOOGLE_APPLICATION_CREDENTIALS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "PGPASSWORD")
+# Where the object store is, passed from the driver's environment to every Ray worker through the
+# job's runtime environment. Only endpoints and regions: Ray logs a runtime environment on every
+# node and shows it in the Jobs API, so no credential travels this way.
+FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# A node's own identity and secrets, never forwarded: each node has them from its platform (instance
+# profile, service account, workload identity, a Kubernetes Secret, an env file read before
+# `ray start`; cluster/README.md). Forwarding a laptop's AWS_PROFILE or credentials file path
+# would also break the node's own identity. DIFFCRAFT_SCRATCH is a node's own setting as well.
+NODE_OWN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "GOOGLE_APPLICATION_CREDENTIALS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "DIFFCRAFT_SCRATCH")
 
 
 def forwarded_env(**extra: str) -> dict[str, str]:
-    """The FORWARDED_ENV variables set here, plus `extra`."""
+    """The FORWARDED_ENV variables set here, plus `extra` (which must hold no NODE_OWN_ENV name)."""
+    own = set(extra) & set(NODE_OWN_ENV)
+    if own:
+        raise ValueError(f"{sorted(own)}: a node's own settings are never forwarded")
     return {**{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}, **extra}
 
 

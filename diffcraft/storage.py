@@ -26,11 +26,24 @@ def is_remote(location: str) -> bool:
 
 def absolute(location: str, root: Path | None = None) -> str:
     """A URI unchanged; a path made absolute against `root` (default: the working directory)."""
+    check_location_shape(location)
     if is_remote(location):
         return str(location).rstrip("/")
-    if "://" in str(location):
-        raise StorageError(f"{location}: unsupported storage scheme (use a path, s3:// or gs://)")
     return str(((root or Path.cwd()) / Path(location).expanduser()).resolve())
+
+
+def check_location_shape(location: str) -> None:
+    """Raise StorageError unless `location` is a path or a URI this project reads with a bucket
+    (`s3://bucket/prefix`, `gs://bucket/prefix`)."""
+    location = str(location)
+    if "://" not in location:
+        return
+    parsed = urlparse(location)
+    if parsed.scheme not in REMOTE_SCHEMES:
+        raise StorageError(f"{location}: unsupported storage scheme {parsed.scheme!r} (use a path, s3://BUCKET/PREFIX "
+                           "or gs://BUCKET/PREFIX)")
+    if not parsed.netloc:
+        raise StorageError(f"{location}: no bucket (write {parsed.scheme}://BUCKET/PREFIX)")
 
 
 def s3_endpoint() -> str | None:

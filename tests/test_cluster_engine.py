@@ -161,8 +161,45 @@ def test_cluster_check_names_each_node_that_cannot_read_the_cache(stack):
     assert len(problems) == 3 and all(f"finds no feature cache at {local_cache}" in p for p in problems), bad.stdout
 
 
-def test_a_study_submitted_as_a_ray_job_runs_on_the_cluster(stack):
-    env, cwd, cluster = stack["env"], stack["launcher"], stack["cluster"]
+CANARY = "canary-7f3e9b1c"  # a secret in the launcher's environment that must reach no node, log or store
+
+
+def places_holding(stack, text: str, experiment: str) -> list[str]:
+    """Every place a study's secret must not reach that holds `text`: files below any node's Ray
+    folder (logs, session, runtime envs), Ray job records, the experiment's MLflow params, tags and
+    artifacts, and the study's storage in S3."""
+    import tempfile
+    from pathlib import Path
+
+    from ray.job_submission import JobSubmissionClient
+
+    found = [str(p) for p in stack["cluster"].temp_root.rglob("*")
+             if p.is_file() and not p.is_symlink() and text.encode() in p.read_bytes()]
+    jobs = JobSubmissionClient(stack["cluster"].dashboard, headers=stack["cluster"].auth_headers).list_jobs()
+    found += [f"job {job.submission_id}" for job in jobs if text in repr(job)]
+    client = MlflowClient(stack["mlflow"].uri)
+    for run in trial_runs(stack, experiment) + client.search_runs(
+            [client.get_experiment_by_name(experiment).experiment_id], "tags.role = 'study'"):
+        if text in repr(run.data.params) + repr(run.data.tags):
+            found.append(f"MLflow run {run.info.run_id} params/tags")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(client.download_artifacts(run.info.run_id, "", tmp))
+            found += [f"MLflow artifact {p.relative_to(local)}" for p in local.rglob("*")
+                      if p.is_file() and text.encode() in p.read_bytes()]
+    s3 = stack["s3"].client()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bkt", Prefix=f"studies/{experiment}"):
+        for item in page.get("Contents", []):
+            if text.encode() in s3.get_object(Bucket="bkt", Key=item["Key"])["Body"].read():
+                found.append(f"s3://bkt/{item['Key']}")
+    return found
+
+
+def test_a_study_submitted_as_a_ray_job_runs_on_the_cluster_and_no_secret_travels(stack):
+    """The launcher's credentials stay on the launcher: the nodes use their own (tests/kit gives
+    every node the S3 keys in its environment, as a platform identity would)."""
+    cluster, cwd = stack["cluster"], stack["launcher"]
+    env = {**stack["env"], "AWS_SESSION_TOKEN": CANARY, "PGPASSWORD": CANARY, "MLFLOW_TRACKING_TOKEN": CANARY,
+           "GOOGLE_APPLICATION_CREDENTIALS": f"/home/{CANARY}/key.json"}
     path = write_study(stack, "submitted", epochs=1, search={"algorithm": "grid", "space": {}})
     submitted = run_driver([*CLI, "study", "submit", path, "--address", cluster.dashboard], env=env, timeout=120,
                            cwd=cwd)
@@ -174,3 +211,4 @@ def test_a_study_submitted_as_a_ray_job_runs_on_the_cluster(stack):
     assert "1 trials (1 finished)" in followed.stdout
     (run,) = trial_runs(stack, "submitted")
     assert run.info.status == "FINISHED"
+    assert places_holding(stack, CANARY, "submitted") == []

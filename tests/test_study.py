@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from diffcraft.errors import StudyConfigError
 from diffcraft.study.report import write_report
-from diffcraft.study.runner import run_study
+from diffcraft.study.runner import refuse_before_starting, run_study
 from diffcraft.study.status import status_lines
 from diffcraft.study.studyfile import load_study
 from diffcraft.train.metrics import read_clip_table
@@ -163,10 +163,15 @@ def test_a_failing_trial_fails_alone(ray_local, synth_cache, tmp_path):
     assert failed.info.status == "FAILED" and "FloatingPointError" in failed.data.tags["error"]
 
 
-def test_unschedulable_trial_fails_fast_with_the_numbers(ray_local, synth_cache, tmp_path):
+def test_unschedulable_trial_fails_fast_with_the_numbers_and_leaves_nothing(ray_local, synth_cache, tmp_path):
     study = load_study(write_study(tmp_path, synth_cache, resources={"cpus_per_worker": 64}))
     with pytest.raises(StudyConfigError, match=r"one worker needs 64 CPU and 0 GPU on one node, and no node has that"):
         run_study(study, verbose=0)
+    # refused before its first trial: no record, lease or parent run, so the corrected file simply runs
+    assert not study.location.exists() or sorted(study.location.list_info()) == []
+    assert MlflowClient(study.mlflow.tracking_uri).get_experiment_by_name(study.name) is None
+    corrected = load_study(write_study(tmp_path, synth_cache, resources={"cpus_per_worker": 1}))
+    refuse_before_starting(corrected, None, resume=False, take_over=False)
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -187,6 +192,10 @@ def test_unschedulable_trial_fails_fast_with_the_numbers(ray_local, synth_cache,
     ({"run": {"train": {"epochs": "many"}}}, "run.train.epochs: expected an integer, got 'many'"),
     ({"bogus": 1}, "unknown field bogus"),
     ({"name": "bad name!"}, "name: 'bad name!'"),
+    ({"storage": "s3://"}, "storage: s3://: no bucket"),
+    ({"storage": "ftp://host/x"}, "storage: ftp://host/x: unsupported storage scheme"),
+    ({"optuna": {"storage": "postgresql://u:hunter2@db/optuna"}}, "optuna.storage: holds the password in the URL"),
+    ({"mlflow": {"tracking_uri": "https://u:hunter2@mlflow.example"}}, "mlflow.tracking_uri: holds the password"),
 ])
 def test_every_invalid_study_field_is_named(tmp_path, fields, message):
     path = write_study(tmp_path, tmp_path / "cache", **fields)

@@ -23,8 +23,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from diffcraft.errors import ConfigError, StudyConfigError
-from diffcraft.storage import Location
+from diffcraft.envref import refuse_inline_secret
+from diffcraft.errors import ConfigError, StorageError, StudyConfigError
+from diffcraft.storage import Location, check_location_shape
 from diffcraft.study.space import SEED, SearchConfig
 from diffcraft.train.config import RunConfig
 from diffcraft.train.names import VAL_ACTIVE_UNITS
@@ -90,9 +91,26 @@ class StudyConfig:
     def validate(self, where: str = "") -> None:
         if not NAME.match(self.name):
             raise StudyConfigError(f"name: {self.name!r} must be letters, digits, '_', '-', '.'")
+        self._check_locations()
         self._check_search()
         self._check_running()
         self.check_trials()
+
+    def _check_locations(self) -> None:
+        """No secret inline in any URL (a `${VAR}` reference instead), and every storage URI with
+        a scheme this project reads and a bucket."""
+        urls = {"optuna.storage": self.optuna.storage, "mlflow.tracking_uri": self.mlflow.tracking_uri,
+                "storage": self.storage, "run.data.cache": self.run.data.cache}
+        for field_name, value in urls.items():
+            try:
+                refuse_inline_secret(value, field_name)
+            except ConfigError as err:
+                raise StudyConfigError(str(err)) from None
+        for field_name in ("storage", "run.data.cache"):
+            try:
+                check_location_shape(urls[field_name])
+            except StorageError as err:
+                raise StudyConfigError(f"{field_name}: {err}") from None
 
     def _check_search(self) -> None:
         s = self.search

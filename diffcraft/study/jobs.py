@@ -1,6 +1,7 @@
 """Studies submitted to a Ray cluster as Ray Jobs: the driver runs on the cluster, so a laptop
 can close its lid. The job carries the validated study file and this checkout's `diffcraft`
-package (so the cluster runs the same code), and the credentials in FORWARDED_ENV."""
+package (so the cluster runs the same code), and the store's endpoints (FORWARDED_ENV); never a
+credential: the cluster's nodes have their own."""
 from __future__ import annotations
 
 import tempfile

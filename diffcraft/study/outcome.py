@@ -48,15 +48,18 @@ def end_trial_run(study: StudyConfig, record: StudyRecord, trial, failed: bool =
     return status
 
 
-def trial_run_callback(study: StudyConfig, record: StudyRecord):
-    """The Tune callback that ends each trial's MLflow run when the trial ends."""
+def trial_run_callback(study: StudyConfig, record: StudyRecord, lease):
+    """The Tune callback that ends each trial's MLflow run when the trial ends (only while this
+    driver holds the study's `lease`)."""
     from ray.tune import Callback
 
     class EndTrialRuns(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
+            lease.fence()
             end_trial_run(study, record, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            lease.fence()
             end_trial_run(study, record, trial, failed=True)
 
     return EndTrialRuns()

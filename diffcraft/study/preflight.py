@@ -69,7 +69,7 @@ def check_resources(study: StudyConfig, nodes: list[dict], autoscaling: bool, re
 
 def probe_node(cache: str, storage: str, tracking_uri: str) -> list[str]:
     """Runs on one node: what it cannot reach, one phrase each."""
-    from mlflow.tracking import MlflowClient
+    from diffcraft.model_uri import tracking_client
 
     from diffcraft.data.cache import read_manifest
     from diffcraft.storage import Location, probe_writable
@@ -85,7 +85,7 @@ def probe_node(cache: str, storage: str, tracking_uri: str) -> list[str]:
     except Exception as err:  # noqa: BLE001
         problems.append(f"cannot write the storage {storage} ({str(err).splitlines()[0]})")
     try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        tracking_client(tracking_uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001
         problems.append(f"cannot reach the MLflow tracking server {tracking_uri} ({str(err).splitlines()[0][:200]})")
     return problems

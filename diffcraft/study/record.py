@@ -72,9 +72,9 @@ class StudyRecord:
 
     def client(self):
         """An MLflow client of the study's tracking server."""
-        from mlflow.tracking import MlflowClient
+        from diffcraft.model_uri import tracking_client
 
-        return MlflowClient(self.tracking_uri)
+        return tracking_client(self.tracking_uri)
 
     def refuse_another_file(self, study: StudyConfig) -> None:
         """A study name already used by a different study file is refused, saying what differs."""

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from diffcraft import raytools
 from diffcraft.data.cache import require_manifest
 from diffcraft.errors import StudyConfigError
+from diffcraft.model_uri import default_tracking_uri
 from diffcraft.storage import Location, filesystem
 from diffcraft.study.config import StudyConfig
-from diffcraft.study.lease import acquire_lease
+from diffcraft.study.lease import Lease, acquire_lease, check_lease_free
 from diffcraft.study.outcome import sweep_orphan_runs, trial_run_callback
 from diffcraft.study.preflight import preflight
 from diffcraft.study.record import StudyRecord
@@ -40,16 +41,19 @@ class StudyOutcome:
         return self.counts.get("FAILED", 0)
 
 
-def refuse_before_starting(study: StudyConfig, address: str | None, resume: bool) -> None:
-    """Every mistake that can be seen before the lease, Ray and MLflow: nothing to resume, a
-    different study file under a used name, a local MLflow store for a cluster, no cache."""
+def refuse_before_starting(study: StudyConfig, address: str | None, resume: bool, take_over: bool) -> str:
+    """Every mistake that can be seen before Ray and MLflow: nothing to resume, a different study
+    file under a used name, another driver holding the study, a local MLflow store for a cluster,
+    no cache. Returns the study's tracking URI (the stored one when it exists)."""
     stored = StudyRecord.load(study.location)
     if resume and stored is None:
         raise StudyConfigError(f"{study.location}: no study to resume here")
     if stored is not None:
         stored.refuse_another_file(study)
+    check_lease_free(study.location, take_over)
     require_server_for_cluster(study.mlflow.tracking_uri, address)
     require_manifest(Location.of(study.run.data.cache))
+    return stored.tracking_uri if stored else default_tracking_uri(study.mlflow.tracking_uri)
 
 
 def _forward_sigterm():
@@ -61,11 +65,23 @@ def _forward_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _tuner(study: StudyConfig, record: StudyRecord, verbose: int):
+def _fence_callback(lease: Lease):
+    """A Tune callback that checks the lease before each step of Tune's loop: a driver that lost
+    its study (paused past the lease, cut off) stops before Tune writes its state again."""
+    from ray.tune import Callback
+
+    class Fence(Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            lease.fence()
+
+    return Fence()
+
+
+def _tuner(study: StudyConfig, record: StudyRecord, lease: Lease, verbose: int):
     """Tune's Tuner over the study's storage: restored where Tune left a state, else new."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(trial_main, study=study, record=record),
+    trainable = tune.with_resources(tune.with_parameters(trial_main, study=study, record=record, lease=lease.ref),
                                     tune.PlacementGroupFactory([{"memory": TRIAL_DRIVER_MEMORY}]))
     fs, tune_root = filesystem(study.location.uri)
     tune_path = f"{tune_root}/tune"
@@ -80,27 +96,26 @@ def _tuner(study: StudyConfig, record: StudyRecord, verbose: int):
                                     reuse_actors=False),  # a stopped trial's process must end: it owns its Train run
         run_config=tune.RunConfig(name="tune", storage_path=tune_root, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=study.max_retries),
-                                  callbacks=[trial_run_callback(study, record)], verbose=verbose))
+                                  callbacks=[_fence_callback(lease), trial_run_callback(study, record, lease)],
+                                  verbose=verbose))
 
 
-def _fit(study: StudyConfig, record: StudyRecord, address: str | None, verbose: int, progress):
-    """Preflight on the cluster, then Tune's fit (SIGTERM handled as Ctrl-C); Tune's ResultGrid."""
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot the experiment often: resume loses little
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # the 2 s default adds seconds per epoch
-    env = raytools.forwarded_env(MLFLOW_TRACKING_URI=record.tracking_uri,
-                        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])
-    with raytools.ray_session(address, runtime_env={"env_vars": env}) as ray:
-        check = preflight(study, record.tracking_uri, ray)
-        for line in check.notes:
-            progress(f"preflight: {line}")
-        if not check.ok:
-            raise StudyConfigError("preflight failed, nothing started:\n  " + "\n  ".join(check.problems))
-        tuner = _tuner(study, record, verbose)
-        previous = _forward_sigterm()
-        try:
-            return tuner.fit()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+def _preflight(study: StudyConfig, tracking_uri: str, ray, progress) -> None:
+    """Can the cluster run the study and every node reach what a trial needs: else nothing starts."""
+    check = preflight(study, tracking_uri, ray)
+    for line in check.notes:
+        progress(f"preflight: {line}")
+    if not check.ok:
+        raise StudyConfigError("preflight failed, nothing started:\n  " + "\n  ".join(check.problems))
+
+
+def _fit(tuner):
+    """Tune's fit, SIGTERM handled as Ctrl-C; Tune's ResultGrid."""
+    previous = _forward_sigterm()
+    try:
+        return tuner.fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _finish(study: StudyConfig, record: StudyRecord, results, progress) -> StudyOutcome:
@@ -139,20 +154,27 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
               take_over: bool = False, progress=print) -> StudyOutcome:
     """Run `study` on Ray Tune, or continue it where it stands (`resume`, or the same study file
     run again). Returns the outcome; the CLI exits non-zero when a trial failed."""
-    refuse_before_starting(study, address, resume)
-    lease = acquire_lease(study.location, take_over)
-    try:
-        record = StudyRecord.open(study)
-        swept = sweep_orphan_runs(record)
-        if swept:
-            progress(f"marked {len(swept)} trial run(s) of a lost driver KILLED; Tune resumes their trials")
-        client = record.client()
-        mark_model_training(client, record.experiment_id)
-        client.update_run(record.parent_run_id, status="RUNNING")
-        results = _fit(study, record, address, verbose, progress)
-        return _finish(study, record, results, progress)
-    except BaseException:
-        _end_killed(study)
-        raise
-    finally:
-        lease.release()
+    tracking_uri = refuse_before_starting(study, address, resume, take_over)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot the experiment often: resume loses little
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # the 2 s default adds seconds per epoch
+    env = raytools.forwarded_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])
+    with raytools.ray_session(address, runtime_env={"env_vars": env}) as ray:
+        _preflight(study, tracking_uri, ray, progress)  # a refused study leaves no record, lease or run
+        lease = acquire_lease(study.location, take_over)
+        try:
+            record = StudyRecord.open(study)
+            swept = sweep_orphan_runs(record)
+            if swept:
+                progress(f"marked {len(swept)} trial run(s) of a lost driver KILLED; Tune resumes their trials")
+            client = record.client()
+            mark_model_training(client, record.experiment_id)
+            client.update_run(record.parent_run_id, status="RUNNING")
+            results = _fit(_tuner(study, record, lease, verbose))
+            lease.fence()
+            return _finish(study, record, results, progress)
+        except BaseException:
+            lease.fence()
+            _end_killed(study)
+            raise
+        finally:
+            lease.release()

@@ -3,6 +3,7 @@ its storage), the trial scheduler (FIFO, or ASHA on the objective), and the Optu
 study that ended needs."""
 from __future__ import annotations
 
+from diffcraft.envref import resolve
 from diffcraft.study.config import StudyConfig
 from diffcraft.train.names import EPOCHS_DONE
 
@@ -13,7 +14,7 @@ def optuna_storage(study: StudyConfig):
     import optuna
 
     if study.optuna.storage:
-        return optuna.storages.RDBStorage(study.optuna.storage)
+        return optuna.storages.RDBStorage(resolve(study.optuna.storage, "optuna.storage"))
     local = study.location.local_path()
     if local is None:
         return None

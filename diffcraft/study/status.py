@@ -106,9 +106,9 @@ def _full_error(record: TrialRecord, study: StudyConfig, tracking_uri: str) -> s
     store, else the command that fetches it), or Tune's error file in the study's storage."""
     from urllib.parse import unquote, urlparse
 
-    from mlflow.tracking import MlflowClient
+    from diffcraft.model_uri import tracking_client
 
-    client = MlflowClient(tracking_uri)
+    client = tracking_client(tracking_uri)
     if any(a.path == "error.txt" for a in client.list_artifacts(record.run_id)):
         uri = f"{record.artifact_uri}/error.txt"
         if uri.startswith("file:"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from diffcraft.errors import ConfigError, StudyConfigError
+from diffcraft.errors import ConfigError, StorageError, StudyConfigError
 from diffcraft.storage import absolute, is_remote
 from diffcraft.study.config import StudyConfig
 from diffcraft.train.config import RunConfig
@@ -14,15 +14,22 @@ from diffcraft.typed_yaml import apply_overrides, from_dict, json_schema, load_y
 SCHEMA_KINDS = {"study": StudyConfig, "run": RunConfig}
 
 
+def _absolute(field: str, location: str, root: Path) -> str:
+    try:
+        return absolute(location, root)
+    except StorageError as err:
+        raise ConfigError(f"{field}: {err}") from None
+
+
 def absolute_paths(data: dict, root: Path) -> dict:
     """Make the study's paths absolute against `root` (where the command runs): trials run in
     other working directories, possibly on other machines. URIs stay as they are."""
     data = copy.deepcopy(data)
-    data["storage"] = absolute(str(data.get("storage", "studies")), root)
+    data["storage"] = _absolute("storage", str(data.get("storage", "studies")), root)
     run = data.setdefault("run", {})
     cache = run.get("data", {}).get("cache")
     if isinstance(cache, str) and cache:
-        run["data"]["cache"] = absolute(cache, root)
+        run["data"]["cache"] = _absolute("run.data.cache", cache, root)
     init = run.get("train", {}).get("init_from")
     if init:
         local = [absolute(p, root) if isinstance(p, str) and p and not is_remote(p) else p

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from diffcraft import __version__
 from diffcraft.errors import StudyConfigError
+from diffcraft.model_uri import tracking_client
 from diffcraft.raytools import is_local_address
 from diffcraft.train.names import EPOCH, EPOCH_SECONDS, KL_PER_DIM, VAL
 from diffcraft.typed_yaml import flatten
@@ -69,7 +70,7 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 def create_study_run(study, tracking_uri: str) -> tuple[str, str]:
     """(experiment id, parent run id) of a study starting now: its experiment (found or
     created) and a new parent run holding the study file."""
-    client = MlflowClient(tracking_uri)
+    client = tracking_client(tracking_uri)
     experiment = experiment_id(client, study.mlflow.experiment or study.name, tracking_uri)
     parent = client.create_run(experiment, run_name=f"study {study.name}",
                                tags={"study": study.name, "role": "study", "code_version": code_version(),
@@ -130,7 +131,7 @@ class TrialRun:
              params: dict, run_name: str = "") -> "TrialRun":
         """Reuse the trial's run (found by its trial_id tag: a restarted trial keeps its run) or
         create it, named `run_name` (default: the trial's name)."""
-        client = MlflowClient(tracking_uri)
+        client = tracking_client(tracking_uri)
         found = client.search_runs([experiment], f"tags.trial_id = '{trial_id}'", max_results=1)
         run_id = found[0].info.run_id if found else None
         if run_id is None:

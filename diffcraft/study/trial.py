@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from diffcraft.storage import Location, filesystem
 from diffcraft.study.config import StudyConfig
+from diffcraft.study.lease import LeaseRef
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.space import config_hash, trial_label
 from diffcraft.study.tracking import TrialRun, code_version
@@ -28,7 +29,7 @@ def train_location(study: StudyConfig) -> Location:
     return study.location / "train"
 
 
-def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
+def trial_main(params: dict, study: StudyConfig, record: StudyRecord, lease: LeaseRef) -> None:
     """The Tune function trainable (see the module docstring)."""
     import ray.train
     from ray import tune
@@ -39,6 +40,7 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     cfg = study.trial_config(params)
     cfg.name = trial_id
+    lease.check()  # a driver that lost the study starts nothing more
     tags = {"study": study.name, "trial_name": trial_name, "seed": cfg.train.seed,
             "config_hash": config_hash(params), "config_group": config_hash(params, without_seed=True),
             "code_version": code_version(), "workers": study.resources.workers}
@@ -50,7 +52,8 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
     try:
         TorchTrainer(
             train_worker,
-            train_loop_config={"study": study, "cfg": cfg, "run_id": run.run_id, "tracking_uri": record.tracking_uri},
+            train_loop_config={"study": study, "cfg": cfg, "run_id": run.run_id, "tracking_uri": record.tracking_uri,
+                               "lease": lease},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
                 resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}),
@@ -63,6 +66,7 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
                 callbacks=[TuneReportCallback()]),
         ).fit()
     except Exception as err:
+        lease.check()  # a trial of a driver that lost the study writes nothing more, not even its error
         run.tag(error=f"{type(err).__name__}: {err}"[:5000])
         run.client.log_text(run.run_id, traceback.format_exc(), "error.txt")
         raise

@@ -54,7 +54,7 @@ def tune_report(metrics: dict, study, collapsed: bool) -> dict:
 class RayTrainSession(Session):
     """One worker of a trial's TorchTrainer (see the module docstring)."""
 
-    def __init__(self, study, run):
+    def __init__(self, study, run, lease):
         import ray
         import ray.train
         import ray.train.torch
@@ -63,6 +63,7 @@ class RayTrainSession(Session):
         super().__init__(ray.train.torch.get_device())
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.study, self.run = study, run  # run: the trial's TrialRun on rank 0, else None
+        self.lease = lease  # the study's LeaseRef: checked before rank 0 logs anything
         self.guard = CollapseGuard(study.collapse_guard)
         self.where = f"trial {context.get_experiment_name()}"
         if run is not None:  # where this attempt trains (a restarted trial may move to another node)
@@ -89,6 +90,7 @@ class RayTrainSession(Session):
             saved = load_checkpoint(Path(folder) / STATE_FILE)
         history = saved["history"]
         if self.run is not None:
+            self.lease.check()
             self.run.log_missing_epochs(history)
         collapsed = self.guard.collapsed(history)
         saved["stopped"] = collapsed and self.study.collapse_guard.action == "stop"
@@ -109,6 +111,7 @@ class RayTrainSession(Session):
         if saved is None:
             ray.train.report({}, checkpoint=None)
         else:
+            self.lease.check()  # a driver that lost the study: its workers write no checkpoint ...
             collapsed = self.guard.collapsed(saved["history"])
             report = tune_report(metrics, self.study, collapsed)
             with tempfile.TemporaryDirectory() as folder:
@@ -116,6 +119,7 @@ class RayTrainSession(Session):
                 (Path(folder) / METRICS_FILE).write_text(json.dumps(report))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            self.lease.check()  # ... and log no epoch
             if not self.run.is_running():
                 # Tune stopped the trial on an earlier result and its run is ended: its record stays as
                 # the driver closed it, and this worker, not yet told, stops
@@ -147,14 +151,14 @@ class RayTrainSession(Session):
 def train_worker(config: dict) -> None:
     """`train_loop_per_worker` of every trial, whatever its number of workers."""
     import ray.train
-    from mlflow.tracking import MlflowClient
 
+    from diffcraft.model_uri import tracking_client
     from diffcraft.train.loop import train
 
     study, cfg = config["study"], config["cfg"]
     rank = ray.train.get_context().get_world_rank()
-    run = TrialRun(MlflowClient(config["tracking_uri"]), config["run_id"]) if rank == 0 else None
-    result = train(cfg, progress=False, session=RayTrainSession(study, run),
+    run = TrialRun(tracking_client(config["tracking_uri"]), config["run_id"]) if rank == 0 else None
+    result = train(cfg, progress=False, session=RayTrainSession(study, run, config["lease"]),
                    select=(study.objective.metric, study.objective.mode))
     if run is not None and result.init_report:  # what train.init_from loaded, module by module
         run.log_dict(result.init_report, "init_report.yaml")
