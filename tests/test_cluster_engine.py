@@ -6,12 +6,16 @@ the trials need must travel through Ray, S3 or MLflow; a hidden dependence on th
 fails here."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from diffcraft.study.lease import LEASE_LOST_EXIT
 
 from tests.kit import (MlflowServer, RayCluster, S3Server, kill_group, read_output, require_mount_namespaces_here,
                        run_driver, start_driver)
@@ -131,6 +135,50 @@ def test_killed_drivers_resume_and_a_second_driver_is_refused(stack):
     runs = trial_runs(stack, "drivers")
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     assert_each_epoch_once(stack, runs, 4)
+
+
+def logged_epochs(stack, name: str) -> int:
+    runs = trial_runs(stack, name)
+    if not runs:
+        return 0
+    return len(MlflowClient(stack["mlflow"].uri).get_metric_history(runs[0].info.run_id, "val_mss_mean"))
+
+
+def test_a_paused_driver_whose_study_was_taken_over_exits_without_writing(stack):
+    """SIGSTOP a driver past its lease, take the study over, SIGCONT it: it stops, writing nothing
+    (its workers stop too), and the driver that took over finishes every epoch once."""
+    ttl = 8.0
+    env, cwd = {**stack["env"], "DIFFCRAFT_LEASE_TTL_S": str(ttl)}, stack["launcher"]
+    path = write_study(stack, "paused", epochs=12, concurrency=1, search={"algorithm": "grid", "space": {}})
+    first = start_driver([*CLI, "study", "run", path], env=env, cwd=cwd)
+    second = None
+    try:
+        deadline = time.time() + 240
+        while logged_epochs(stack, "paused") < 1 and time.time() < deadline and first.poll() is None:
+            time.sleep(0.5)
+        assert logged_epochs(stack, "paused") >= 1, read_output(first)[-3000:]
+        os.kill(first.pid, signal.SIGSTOP)
+        time.sleep(ttl + 2)  # its lease goes stale; its workers, finding it so, log nothing more
+        stale_at = logged_epochs(stack, "paused")
+        time.sleep(5)
+        assert logged_epochs(stack, "paused") == stale_at < 12
+        second = start_driver([*CLI, "study", "run", path, "--take-over"], env=env, cwd=cwd)
+        deadline = time.time() + 120
+        while "marked" not in read_output(second) and "Trial" not in read_output(second) and time.time() < deadline:
+            time.sleep(0.5)  # the second driver holds the lease and has started its Tune run
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=60) == LEASE_LOST_EXIT, read_output(first)[-3000:]
+        assert "this one stops" in read_output(first), read_output(first)[-3000:]
+        assert second.wait(timeout=480) == 0, read_output(second)[-4000:]
+    finally:
+        for driver in (first, second):
+            if driver is not None and driver.poll() is None:
+                os.kill(driver.pid, signal.SIGCONT)
+                kill_group(driver)
+                driver.wait()
+    (run,) = trial_runs(stack, "paused")  # one run for the trial, not one per driver
+    assert run.info.status == "FINISHED"
+    assert_each_epoch_once(stack, [run], 12)
 
 
 def test_a_local_mlflow_store_with_a_cluster_address_is_refused_at_once(tmp_path):

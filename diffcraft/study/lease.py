@@ -32,7 +32,7 @@ from diffcraft.storage import Location, s3_endpoint
 
 LEASE = "lease.json"
 LEASE_TTL_S = float(os.environ.get("DIFFCRAFT_LEASE_TTL_S", "60"))  # tests shorten it
-LEASE_RENEW_S = LEASE_TTL_S / 12
+LEASE_RENEW_S = LEASE_TTL_S / 12  # LeaseRef.check assumes this ratio
 LEASE_LOST_EXIT = 75  # a driver's exit status when it lost its study (EX_TEMPFAIL)
 
 
@@ -219,6 +219,7 @@ class LeaseRef:
     """What a trial worker needs to check the lease: where it is and the holder's token."""
     uri: str
     token: str
+    ttl_s: float  # the driver's LEASE_TTL_S: a node may have another default
 
     def check(self) -> None:
         """Raise LeaseLost unless the study's driver still holds the lease and renews it."""
@@ -226,7 +227,7 @@ class LeaseRef:
         held = found[0] if found else {}
         if held.get("token") != self.token:
             raise LeaseLost(f"{self.uri}: another driver runs this study now; this trial stops without logging more")
-        if time.time() - held["renewed"] > LEASE_TTL_S - LEASE_RENEW_S:
+        if time.time() - held["renewed"] > self.ttl_s * 11 / 12:  # the TTL less one renewal period
             raise LeaseLost(f"{self.uri}: the study's driver has not renewed its lease for "
                             f"{time.time() - held['renewed']:.0f} s; this trial stops without logging more")
 
@@ -246,7 +247,7 @@ class Lease:
 
     @property
     def ref(self) -> LeaseRef:
-        return LeaseRef(self.location.uri, self.held["token"])
+        return LeaseRef(self.location.uri, self.held["token"], LEASE_TTL_S)
 
     def fence(self) -> None:
         """Stop this driver (`on_lost`) unless the lease is surely still its own: renewed within the
@@ -279,11 +280,16 @@ class Lease:
             self.fence()
 
     def start(self) -> "Lease":
+        global _held
+        _held = self
         self._thread = threading.Thread(target=self._run, name="diffcraft-lease", daemon=True)
         self._thread.start()
         return self
 
     def release(self) -> None:
+        global _held
+        if _held is self:
+            _held = None
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=LEASE_RENEW_S * 2)
@@ -294,10 +300,19 @@ class Lease:
                 pass
 
 
+_held: Lease | None = None  # the lease this process holds (Tune pickles its callbacks: they find it here)
+
+
+def fence_held() -> None:
+    """`Lease.fence` of the lease this process holds, if any: called before the driver writes."""
+    if _held is not None:
+        _held.fence()
+
+
 def _refusal(location: Location, held: dict, take_over: bool) -> str | None:
     """Why the lease `held` keeps this driver out, or None when it may be replaced."""
     dead_here = held["host"] == socket.gethostname() and not _pid_alive(held["pid"])
-    stale = time.time() - held["renewed"] > LEASE_TTL_S
+    stale = time.time() - held["renewed"] > held.get("ttl_s", LEASE_TTL_S)
     if dead_here or (stale and take_over):
         return None
     return (f"{location}: another driver is running this study: {_holder_line(held)}. " + (
@@ -325,7 +340,7 @@ def acquire_lease(location: Location, take_over: bool = False,
         raise StudyConfigError(why)
     now = time.time()
     held = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "renewed": now,
-            "token": uuid.uuid4().hex}
+            "token": uuid.uuid4().hex, "ttl_s": LEASE_TTL_S}
     version = store.put(held, found[1] if found else None)
     if version is None:  # another driver wrote between our read and our write
         again = store.read()

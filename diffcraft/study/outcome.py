@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from diffcraft.study.artifacts import log_trial_artifacts
 from diffcraft.study.config import StudyConfig
+from diffcraft.study.lease import fence_held
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.tracking import TrialRun, trial_runs
 from diffcraft.train.names import COLLAPSED, EPOCHS_DONE
@@ -48,18 +49,18 @@ def end_trial_run(study: StudyConfig, record: StudyRecord, trial, failed: bool =
     return status
 
 
-def trial_run_callback(study: StudyConfig, record: StudyRecord, lease):
+def trial_run_callback(study: StudyConfig, record: StudyRecord):
     """The Tune callback that ends each trial's MLflow run when the trial ends (only while this
-    driver holds the study's `lease`)."""
+    driver holds the study's lease)."""
     from ray.tune import Callback
 
     class EndTrialRuns(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            lease.fence()
+            fence_held()
             end_trial_run(study, record, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            lease.fence()
+            fence_held()
             end_trial_run(study, record, trial, failed=True)
 
     return EndTrialRuns()

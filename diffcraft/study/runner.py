@@ -20,7 +20,7 @@ from diffcraft.errors import StudyConfigError
 from diffcraft.model_uri import default_tracking_uri
 from diffcraft.storage import Location, filesystem
 from diffcraft.study.config import StudyConfig
-from diffcraft.study.lease import Lease, acquire_lease, check_lease_free
+from diffcraft.study.lease import Lease, acquire_lease, check_lease_free, fence_held
 from diffcraft.study.outcome import sweep_orphan_runs, trial_run_callback
 from diffcraft.study.preflight import preflight
 from diffcraft.study.record import StudyRecord
@@ -65,14 +65,14 @@ def _forward_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _fence_callback(lease: Lease):
+def _fence_callback():
     """A Tune callback that checks the lease before each step of Tune's loop: a driver that lost
     its study (paused past the lease, cut off) stops before Tune writes its state again."""
     from ray.tune import Callback
 
     class Fence(Callback):
         def on_step_begin(self, iteration, trials, **info):
-            lease.fence()
+            fence_held()
 
     return Fence()
 
@@ -96,7 +96,7 @@ def _tuner(study: StudyConfig, record: StudyRecord, lease: Lease, verbose: int):
                                     reuse_actors=False),  # a stopped trial's process must end: it owns its Train run
         run_config=tune.RunConfig(name="tune", storage_path=tune_root, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=study.max_retries),
-                                  callbacks=[_fence_callback(lease), trial_run_callback(study, record, lease)],
+                                  callbacks=[_fence_callback(), trial_run_callback(study, record)],
                                   verbose=verbose))
 
 
