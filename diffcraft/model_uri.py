@@ -48,20 +48,23 @@ def _download(uri: str, tracking_uri: str | None, dst: Path | None) -> Path:
 
 
 def _model_checkpoint(uri: str, folder: Path) -> Path:
-    """The checkpoint artifact inside an MLflow Model folder (what `diffcraft promote` logs)."""
+    """The checkpoint inside an MLflow Model folder: its data (what `diffcraft promote` logs), or
+    its artifact `checkpoint` (models promoted by diffcraft before the loader module)."""
     from mlflow.models import Model
 
-    artifacts = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}).get("artifacts") or {}
+    flavor = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {})
+    if flavor.get("data"):
+        return folder / flavor["data"]
+    artifacts = flavor.get("artifacts") or {}
     if CHECKPOINT_ARTIFACT not in artifacts:
-        raise CheckpointError(f"{uri}: an MLflow Model without a {CHECKPOINT_ARTIFACT!r} artifact, "
-                              f"not a promoted diffcraft model")
+        raise CheckpointError(f"{uri}: an MLflow Model without a checkpoint, not a promoted diffcraft model")
     return folder / artifacts[CHECKPOINT_ARTIFACT]["path"]
 
 
 def resolve_checkpoint(uri: str, tracking_uri: str | None = None, dst: Path | None = None) -> Path:
     """A local best.pt for `models:/...`, `runs:/ID/checkpoint`, an MLflow Model folder, or a
     checkpoint file or folder. In an MLflow Model (what `promote` registers) the checkpoint is its
-    artifact `checkpoint`; versions registered before that are the checkpoint folder itself."""
+    data; versions registered before that are the checkpoint folder itself."""
     path = _download(uri, tracking_uri, dst) if uri.startswith(("models:/", "runs:/")) else Path(uri)
     if (path / "MLmodel").is_file():
         path = _model_checkpoint(uri, path)

@@ -1,10 +1,13 @@
-"""The promoted model as an MLflow Model: timbre transfer behind `mlflow.pyfunc`, logged from code.
+"""The promoted model as an MLflow Model: timbre transfer behind `mlflow.pyfunc`, run by the
+installed diffcraft.
 
-`diffcraft promote` logs this file with `mlflow.pyfunc.log_model(python_model=<this file>, ...)`
-(MLflow's "models from code"): MLflow stores the file's source, not a pickle, and runs it when the
-model loads; its last line hands a `TimbreTransfer` to `mlflow.models.set_model`. The diffcraft
-checkpoint is the model's artifact `checkpoint`, and `load_context` rebuilds the network from it
-with `model_from_checkpoint` (`weights_only=True`): a checkpoint that would execute code is refused.
+`diffcraft promote` logs a model whose loader is this module (`loader_module="diffcraft.serving"`)
+and whose data is the diffcraft checkpoint `best.pt`: no code is stored with the model, so loading
+it runs the diffcraft installed where it loads, never code from the tracking server. The model's
+metadata keeps the hash of the diffcraft package that promoted it (`CODE_HASH`): `_load_pyfunc`
+refuses a model that carries code, or that was promoted by other diffcraft code than the installed
+one, saying which. The network is rebuilt with `model_from_checkpoint` (`weights_only=True`): a
+checkpoint that would execute code is refused.
 
 predict(model_input, params) -> DataFrame
   model_input  a DataFrame, one row per clip, with an `audio` column (mono float samples at 16 kHz,
@@ -17,15 +20,15 @@ predict(model_input, params) -> DataFrame
   returns      a DataFrame with an `audio` column: each clip transferred, float32 samples at
                16 kHz, as many as its input
 
-`signature`, `input_example` and `pip_requirements` describe the model to `log_model`. Importing
-the module is harmless: `set_model` only records the model for MLflow's loader.
+`signature`, `input_example` and `pip_requirements` describe the model to `log_model`.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -36,8 +39,7 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 from diffcraft import HOP_LENGTH, SAMPLE_RATE
 from diffcraft.audio.crepe import CREPE_MODELS, crepe_pitch
 from diffcraft.audio.io import load_audio, validate_audio
-from diffcraft.errors import DiffcraftError
-from diffcraft.model_uri import CHECKPOINT_ARTIFACT
+from diffcraft.errors import CheckpointError, DiffcraftError
 from diffcraft.train.checkpoint import model_from_checkpoint
 from diffcraft.transfer import F0_SOURCES, resolve_f0_source, timbre_transfer
 
@@ -45,7 +47,7 @@ PARAMS = {"pitch_shift": 0.0, "loudness_offset": 0.0, "f0": "auto", "crepe_model
 PARAM_TYPES = {float: "double", str: "string", int: "long"}
 EXAMPLE_SECONDS = 0.5  # length of the logged input example (a 440 Hz tone)
 EXAMPLE_PARAMS = {"pitch_shift": -12.0, "crepe_model": "tiny"}  # logged with it; MLflow runs it once at logging
-# Distributions the code behind predict imports (diffcraft itself travels as the model's code).
+# Distributions the code behind predict imports (besides diffcraft itself, installed where the model loads).
 SERVING_DISTRIBUTIONS = ("mlflow", "torch", "torchcrepe", "numpy", "pandas", "scipy", "numba", "soundfile", "soxr",
                          "pyyaml", "tqdm")
 TORCH_INDEX = "https://download.pytorch.org/whl/{label}"  # PyTorch's index of the builds labelled +cpu, +cu124, ...
@@ -107,14 +109,52 @@ def read_clips(model_input) -> list[np.ndarray]:
     return clips
 
 
-class TimbreTransfer(mlflow.pyfunc.PythonModel):
+CODE_HASH = "diffcraft_code_hash"  # model metadata: the hash of the diffcraft package that promoted it
+
+
+def code_hash() -> str:
+    """sha256 over the installed diffcraft package's Python files (path and content, in order):
+    what a promoted model runs when it loads."""
+    import diffcraft
+
+    root, digest = Path(diffcraft.__file__).parent, hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
+def check_model_code(model_dir: Path) -> None:
+    """Refuse a model folder that carries code, or whose promoting diffcraft differs from the installed one."""
+    from mlflow.models import Model
+
+    meta = Model.load(str(model_dir / "MLmodel"))
+    flavor = meta.flavors.get("python_function", {})
+    if flavor.get("code") or flavor.get("loader_module") != __name__:
+        raise CheckpointError(f"{model_dir}: this model carries its own code ({flavor.get('code') or flavor.get('loader_module')}); "
+                              "a diffcraft model runs only the installed diffcraft, so it is refused")
+    logged, installed = (meta.metadata or {}).get(CODE_HASH), code_hash()
+    if str(logged) != installed:
+        import diffcraft
+
+        raise CheckpointError(f"{model_dir}: promoted by diffcraft code {logged}, but the installed diffcraft "
+                              f"{diffcraft.__version__} ({Path(diffcraft.__file__).parent}) is {installed}: load it "
+                              "with the diffcraft that promoted it, or promote it again with this one")
+
+
+def _load_pyfunc(data_path: str) -> "TimbreTransfer":
+    """MLflow's entry point for `loader_module`: `data_path` is the model's checkpoint."""
+    check_model_code(Path(data_path).parent.parent if Path(data_path).parent.name == "data" else Path(data_path).parent)
+    return TimbreTransfer(data_path)
+
+
+class TimbreTransfer:
     """`diffcraft.transfer.timbre_transfer` of each input row with the checkpoint's instrument."""
 
-    def load_context(self, context):
-        self.model, _ = model_from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+    def __init__(self, checkpoint: str):
+        self.model, _ = model_from_checkpoint(checkpoint)
         self.lock = threading.Lock()  # the noise seed is the process's torch generator: one request at a time
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         params = {**PARAMS, **(params or {})}
         f0 = resolve_f0_source(self.model, params["f0"])
         if f0 not in F0_SOURCES:
@@ -133,6 +173,3 @@ class TimbreTransfer(mlflow.pyfunc.PythonModel):
                 except DiffcraftError as err:
                     raise _invalid(str(err)) from None
         return pd.DataFrame({"audio": out})
-
-
-mlflow.models.set_model(TimbreTransfer())

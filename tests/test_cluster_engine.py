@@ -153,7 +153,7 @@ def test_a_paused_driver_whose_study_was_taken_over_exits_without_writing(stack)
     first = start_driver([*CLI, "study", "run", path], env=env, cwd=cwd)
     second = None
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 420
         while logged_epochs(stack, "paused") < 1 and time.time() < deadline and first.poll() is None:
             time.sleep(0.5)
         assert logged_epochs(stack, "paused") >= 1, read_output(first)[-3000:]

@@ -62,7 +62,8 @@ def _model_id(champion) -> str:
 def test_the_champion_is_a_pyfunc_model_with_signature_example_and_checkpoint(champion):
     promotion, uri, tracking_uri = champion
     info = mlflow.models.get_model_info(uri)
-    assert "python_function" in info.flavors and info.flavors["python_function"]["artifacts"]["checkpoint"]
+    pyfunc = info.flavors["python_function"]
+    assert pyfunc["loader_module"] == "diffcraft.serving" and pyfunc["data"] and not pyfunc.get("code")
     assert {c.name for c in info.signature.inputs.inputs} == {"audio", "path"}
     assert {p.name: p.default for p in info.signature.params.params} == {
         "pitch_shift": 0.0, "loudness_offset": 0.0, "f0": "auto", "crepe_model": "full", "seed": 0}
@@ -142,8 +143,7 @@ def test_a_champion_whose_checkpoint_would_execute_code_is_refused(finished_stud
     client = MlflowClient(finished_study.mlflow.tracking_uri)
     assert client.get_model_version_by_alias(NAME, "tampered").version == int(promotion.version)
     model_id = client.get_model_version(NAME, promotion.version).source.removeprefix("models:/")
-    stored = Path(unquote(urlparse(client.get_logged_model(model_id).artifact_location).path)) / "artifacts" / "best.pt"
-    assert stored.is_file()
+    (stored,) = stored_model(client, model_id).rglob("best.pt")
 
     class Exploit:
         def __reduce__(self):
@@ -156,6 +156,37 @@ def test_a_champion_whose_checkpoint_would_execute_code_is_refused(finished_stud
     with pytest.raises(CheckpointError, match="could execute code"):
         model_from_checkpoint(resolve_checkpoint(uri, finished_study.mlflow.tracking_uri))
     assert not (tmp_path / "pwned").exists()
+
+
+def stored_model(client, model_id: str) -> Path:
+    """The folder of a logged model in the store (a local artifact folder here)."""
+    return Path(unquote(urlparse(client.get_logged_model(model_id).artifact_location).path))
+
+
+def test_loading_a_champion_runs_the_installed_diffcraft_and_refuses_a_changed_model(finished_study):  # noqa: F811
+    import yaml
+
+    import diffcraft.serving
+
+    promotion = promote(finished_study, name=NAME, alias="edited")
+    client = MlflowClient(finished_study.mlflow.tracking_uri)
+    model_id = client.get_model_version(NAME, promotion.version).source.removeprefix("models:/")
+    uri = f"models:/{NAME}@edited"
+    loaded = mlflow.pyfunc.load_model(uri)
+    assert type(loaded._model_impl) is diffcraft.serving.TimbreTransfer  # the installed module's class
+    folder = stored_model(client, model_id)
+    assert not (folder / "code").exists()  # no code is stored with the model
+    mlmodel = folder / "MLmodel"
+    meta = yaml.safe_load(mlmodel.read_text())
+    assert meta["metadata"][diffcraft.serving.CODE_HASH] == diffcraft.serving.code_hash()
+    edited = {**meta, "metadata": {diffcraft.serving.CODE_HASH: "sha256:" + "0" * 64}}
+    mlmodel.write_text(yaml.safe_dump(edited))  # as if promoted by other diffcraft code
+    with pytest.raises(CheckpointError, match=r"promoted by diffcraft code sha256:0{64}, but the installed diffcraft"):
+        mlflow.pyfunc.load_model(uri)
+    meta["flavors"]["python_function"]["code"] = "code"  # someone added code to the stored model
+    mlmodel.write_text(yaml.safe_dump(meta))
+    with pytest.raises(CheckpointError, match="carries its own code"):
+        mlflow.pyfunc.load_model(uri)
 
 
 def _wait_for(url: str, server: subprocess.Popen, log: Path, seconds: float) -> None:

@@ -1,13 +1,14 @@
 """Registration: a verified trial checkpoint becomes a version of a registered model.
 
-Format: a registered version's source is an MLflow Model logged from code (`diffcraft/serving.py`,
-`mlflow.pyfunc`): `mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(...)` and
-`mlflow models serve` do timbre transfer with it. Its artifact `checkpoint` is the diffcraft
-checkpoint `best.pt` that promotion re-measured (plain tensors and the full run config, loaded
-with `weights_only=True`); the diffcraft package travels with it as the model's code. Nothing is
-pickled: MLflow's torch.export flavour needs a traceable forward pass, which the synthesiser's
-fused kernels are not, and its pickle flavours execute code on load. The logged model belongs to
-the study's experiment, with the trial's run as its source run.
+Format: a registered version's source is an MLflow Model (`mlflow.pyfunc`) whose loader is the
+installed `diffcraft.serving` and whose data is the diffcraft checkpoint `best.pt` that promotion
+re-measured (plain tensors and the full run config, loaded with `weights_only=True`):
+`mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(...)` and `mlflow models serve` do timbre
+transfer with it wherever diffcraft is installed. No code is stored with the model (anyone who can
+edit the experiment could change code stored there), and nothing is pickled: MLflow's torch.export
+flavour needs a traceable forward pass, which the synthesiser's fused kernels are not, and its
+pickle flavours execute code on load. The logged model belongs to the study's experiment, with the
+trial's run as its source run.
 """
 from __future__ import annotations
 
@@ -17,15 +18,13 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from diffcraft.model_uri import CHECKPOINT_ARTIFACT
 
-MODEL_FORMAT = "mlflow-pyfunc from code (diffcraft.serving; checkpoint artifact loaded weights_only)"
+MODEL_FORMAT = "mlflow-pyfunc, loader diffcraft.serving as installed (checkpoint data loaded weights_only)"
 
 
 def log_serving_model(client: MlflowClient, run, checkpoint: Path, tags: dict):
-    """Log `checkpoint` as an MLflow Model from code (diffcraft/serving.py) in the experiment of
-    `run`, the trial's run, which becomes its source run: returns the ModelInfo."""
-    import diffcraft
+    """Log `checkpoint` as an MLflow Model loaded by the installed diffcraft.serving, in the
+    experiment of `run`, the trial's run, which becomes its source run: returns the ModelInfo."""
     from diffcraft import serving
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
@@ -35,9 +34,8 @@ def log_serving_model(client: MlflowClient, run, checkpoint: Path, tags: dict):
     try:
         info = mlflow.pyfunc.log_model(
             name="model", model_id=model.model_id,
-            python_model=serving.__file__,  # MLflow keeps the file's source and runs it on load
-            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
-            code_paths=[str(Path(diffcraft.__file__).parent)],
+            loader_module=serving.__name__, data_path=str(checkpoint),  # installed code, the checkpoint as data
+            metadata={serving.CODE_HASH: serving.code_hash()},
             pip_requirements=serving.pip_requirements(), signature=serving.signature(),
             input_example=(serving.input_example(), serving.EXAMPLE_PARAMS))
     except BaseException:
