@@ -84,7 +84,8 @@ def _cmd_study_resume(args) -> None:
     from diffcraft.study.runner import run_study
 
     study = _stored_study(args)
-    _finish_study(study, run_study(study, address=args.address, resume=True, take_over=args.take_over))
+    _finish_study(study, run_study(study, address=args.address, resume=True, take_over=args.take_over,
+                                   retry_failed=args.retry_failed))
 
 
 def _cmd_study_status(args) -> None:
@@ -292,7 +293,9 @@ def _add_study(sub, ray_address: str | None) -> None:
         cmd.add_argument("--storage", default="studies", help="the study file's storage (a folder or s3://, gs://)")
         if name == "resume":
             cmd.add_argument("--address", default=ray_address)
-            cmd.add_argument("--take-over", action="store_true")
+            cmd.add_argument("--take-over", action="store_true", help="take the study from a driver whose lease is stale")
+            cmd.add_argument("--retry-failed", action="store_true",
+                             help="run the trials that failed (after their max_retries) again")
         cmd.set_defaults(func=func)
     schema = study.add_parser("schema", help="the JSON Schema of study (or run) files, for editors")
     schema.add_argument("--kind", default="study", choices=["study", "run"])

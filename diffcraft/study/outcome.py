@@ -9,7 +9,7 @@ from diffcraft.study.artifacts import log_trial_artifacts
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.lease import fence_held
 from diffcraft.study.record import StudyRecord
-from diffcraft.study.tracking import TrialRun, trial_runs
+from diffcraft.study.tracking import TrialRun, find_trial_run, trial_runs
 from diffcraft.train.names import COLLAPSED, EPOCHS_DONE
 
 
@@ -18,7 +18,7 @@ def end_trial_run(study: StudyConfig, record: StudyRecord, trial, failed: bool =
     logged first in every case that has a checkpoint, so a trial stopped early can still be
     promoted. Returns the status."""
     client = record.client()
-    found = client.search_runs([record.experiment_id], f"tags.trial_id = '{trial.trial_id}'", max_results=1)
+    found = find_trial_run(client, record.experiment_id, record.parent_run_id, trial.trial_id)
     if not found:
         return "MISSING"
     run = TrialRun(client, found[0].info.run_id)
@@ -63,7 +63,30 @@ def trial_run_callback(study: StudyConfig, record: StudyRecord):
             fence_held()
             end_trial_run(study, record, trial, failed=True)
 
+        def on_experiment_end(self, trials, **info):
+            fence_held()
+            reconcile_ended_trials(study, record, trials)
+
     return EndTrialRuns()
+
+
+def reconcile_ended_trials(study: StudyConfig, record: StudyRecord, trials) -> list[str]:
+    """Trials Tune has ended whose runs a lost driver left open (or swept KILLED as `driver_lost`)
+    before their completion callback ran: ended now from Tune's record, as the callback would
+    have (a finished trial is then FINISHED, with its artifacts, and can be promoted)."""
+    client = record.client()
+    runs = {run.data.tags.get("trial_id"): run for run in trial_runs(client, record)}
+    ended = []
+    for trial in trials:
+        run = runs.get(trial.trial_id)
+        if trial.status not in ("TERMINATED", "ERROR") or run is None:
+            continue
+        if run.info.status == "RUNNING" or run.data.tags.get("ended_by") == "driver_lost":
+            if "ended_by" in run.data.tags:
+                client.delete_tag(run.info.run_id, "ended_by")
+            end_trial_run(study, record, trial, failed=trial.status == "ERROR")
+            ended.append(trial.trial_id)
+    return ended
 
 
 def sweep_orphan_runs(record: StudyRecord) -> list[str]:

@@ -77,7 +77,7 @@ def _fence_callback():
     return Fence()
 
 
-def _tuner(study: StudyConfig, record: StudyRecord, lease: Lease, verbose: int):
+def _tuner(study: StudyConfig, record: StudyRecord, lease: Lease, verbose: int, retry_failed: bool):
     """Tune's Tuner over the study's storage: restored where Tune left a state, else new."""
     from ray import tune
 
@@ -86,7 +86,9 @@ def _tuner(study: StudyConfig, record: StudyRecord, lease: Lease, verbose: int):
     fs, tune_root = filesystem(study.location.uri)
     tune_path = f"{tune_root}/tune"
     if tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
-        return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
+        # a trial that failed (after its max_retries) stays failed on resume unless asked: one that
+        # fails deterministically would otherwise run again on every resume
+        return tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=retry_failed,
                                   storage_filesystem=fs)
     return tune.Tuner(
         trainable, param_space=study.search.tune_space(study.run.train.seed),
@@ -151,7 +153,7 @@ def _end_killed(study: StudyConfig) -> None:
 
 
 def run_study(study: StudyConfig, address: str | None = None, resume: bool = False, verbose: int = 1,
-              take_over: bool = False, progress=print) -> StudyOutcome:
+              take_over: bool = False, retry_failed: bool = False, progress=print) -> StudyOutcome:
     """Run `study` on Ray Tune, or continue it where it stands (`resume`, or the same study file
     run again). Returns the outcome; the CLI exits non-zero when a trial failed."""
     tracking_uri = refuse_before_starting(study, address, resume, take_over)
@@ -169,7 +171,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
             client = record.client()
             mark_model_training(client, record.experiment_id)
             client.update_run(record.parent_run_id, status="RUNNING")
-            results = _fit(_tuner(study, record, lease, verbose))
+            results = _fit(_tuner(study, record, lease, verbose, retry_failed))
             lease.fence()
             return _finish(study, record, results, progress)
         except BaseException:

@@ -120,6 +120,13 @@ def metric_at(client: MlflowClient, run_id: str, key: str, step: int) -> float |
     return values[-1] if values else None
 
 
+def find_trial_run(client: MlflowClient, experiment: str, parent_run_id: str, trial_id: str) -> list:
+    """The run of trial `trial_id` among the children of the study's parent run ([] or [run]):
+    another study logging to the same experiment can have a trial of the same id."""
+    return client.search_runs([experiment], f"tags.trial_id = '{trial_id}' and "
+                                            f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1)
+
+
 class TrialRun:
     """The MLflow run of one trial."""
 
@@ -129,10 +136,10 @@ class TrialRun:
     @classmethod
     def open(cls, tracking_uri: str, experiment: str, parent_run_id: str, trial_id: str, tags: dict,
              params: dict, run_name: str = "") -> "TrialRun":
-        """Reuse the trial's run (found by its trial_id tag: a restarted trial keeps its run) or
-        create it, named `run_name` (default: the trial's name)."""
+        """Reuse the trial's run (found by its trial_id tag under the study's parent run: a restarted
+        trial keeps its run) or create it, named `run_name` (default: the trial's name)."""
         client = tracking_client(tracking_uri)
-        found = client.search_runs([experiment], f"tags.trial_id = '{trial_id}'", max_results=1)
+        found = find_trial_run(client, experiment, parent_run_id, trial_id)
         run_id = found[0].info.run_id if found else None
         if run_id is None:
             tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, **tags}
