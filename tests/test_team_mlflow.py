@@ -2,8 +2,9 @@
 
 PostgreSQL (Debian's `postgresql` package: initdb into a temporary folder, a free port on
 127.0.0.1) set up by the recipe's own `postgres-init.sh`; an S3 API server (moto) standing in for
-MinIO or a cloud bucket; `mlflow server` started by the recipe's own `serve.py` (`migrate`, then
-`serve`: basic-auth, `--serve-artifacts` to `s3://mlflow/artifacts`); backups by its `backup.py`.
+MinIO or a cloud bucket; `mlflow server` started by the recipe's own `serve.py` (`cert`, `migrate`,
+then `serve`: HTTPS with a self-signed certificate that every client here verifies, basic-auth,
+`--serve-artifacts` to `s3://mlflow/artifacts`); backups by its `backup.py`.
 The Compose file and the Kubernetes manifests run these same three scripts.
 
 Skipped, with the reason printed, when PostgreSQL cannot be started here.
@@ -17,6 +18,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -139,14 +141,19 @@ class Postgres:
 # ---------------------------------------------------------------------------------------------
 
 def http(url: str, user: str | None = None, password: str | None = None, method: str = "GET",
-         body: dict | None = None) -> tuple[int, bytes]:
+         body: dict | None = None, cafile: str | None = "trusted") -> tuple[int, bytes]:
+    """(status, body) of a request; HTTPS verified against the CA MLflow's clients trust here
+    (MLFLOW_TRACKING_SERVER_CERT_PATH), or `cafile`, or the system's CAs (`cafile=None`)."""
     headers = {"Content-Type": "application/json"}
     if user is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, headers=headers, method=method, data=data)
+    if cafile == "trusted":
+        cafile = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -157,8 +164,9 @@ class TeamServer:
 
     def __init__(self, pg: Postgres, s3: S3Server, log_dir: Path):
         self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.uri = f"https://127.0.0.1:{self.port}"
         self.log_dir = log_dir
+        self.ca = log_dir / "tls" / "ca.pem"  # what clients trust: the self-signed CA `serve.py cert` made
         self.env = {
             **s3.env,
             "MLFLOW_BACKEND_STORE_URI": pg.uri("mlflow"),
@@ -168,6 +176,8 @@ class TeamServer:
             "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PW,
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
             "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(self.port), "MLFLOW_WORKERS": "1",
+            "MLFLOW_TLS_CERT": str(log_dir / "tls" / "server.pem"), "MLFLOW_TLS_KEY": str(log_dir / "tls" / "server-key.pem"),
+            "MLFLOW_TLS_NAMES": "127.0.0.1,localhost",
         }
         self.proc = None
         self.starts = 0
@@ -178,8 +188,9 @@ class TeamServer:
                               env={**os.environ, **self.env, **extra}, capture_output=True, text=True, timeout=300)
 
     def start(self) -> "TeamServer":
-        # As the Compose file's mlflow-migrate service: make the bucket if missing, migrate.
-        r = self.migrate("bucket", "migrate")
+        # As the Compose file's mlflow-cert and mlflow-migrate services: a certificate if none, the
+        # bucket if missing, the databases migrated.
+        r = self.migrate("cert", "bucket", "migrate")
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         self.migrate_output = r.stdout
         self.starts += 1
@@ -188,7 +199,7 @@ class TeamServer:
         deadline = time.monotonic() + 180
         while True:
             try:
-                if http(self.uri + "/health")[0] == 200:
+                if http(self.uri + "/health", cafile=str(self.ca))[0] == 200:
                     return self
             except OSError:
                 pass
@@ -239,12 +250,18 @@ def s3():
 @pytest.fixture(scope="module")
 def team(postgres, s3, tmp_path_factory):
     server = TeamServer(postgres, s3, tmp_path_factory.mktemp("team-mlflow")).start()
+    trusted = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"] = str(server.ca)  # every MLflow client here verifies it
     # The admin makes a user for the study drivers, as the runbook says.
     status, body = http(f"{server.uri}/api/2.0/mlflow/users/create", ADMIN, ADMIN_PW, "POST",
                         {"username": BOT, "password": BOT_PW})
     assert status == 200, body
     yield server
     server.stop()
+    if trusted is None:
+        os.environ.pop("MLFLOW_TRACKING_SERVER_CERT_PATH", None)
+    else:
+        os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"] = trusted
 
 
 @pytest.fixture
@@ -289,6 +306,20 @@ def test_requests_without_credentials_are_refused(team):
     assert http(search, BOT, "wrong-password", "POST", {"max_results": 1})[0] == 401
     assert http(search, BOT, BOT_PW, "POST", {"max_results": 1})[0] == 200
     assert http(f"{team.uri}/api/2.0/mlflow-artifacts/artifacts")[0] == 401
+
+
+def test_the_server_speaks_verified_https_only(team):
+    search = f"{team.uri}/api/2.0/mlflow/experiments/search"
+    assert http(search, BOT, BOT_PW, "POST", {"max_results": 1})[0] == 200  # verified against the team's CA
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        http(search, BOT, BOT_PW, "POST", {"max_results": 1}, cafile=None)  # a client that does not trust it
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        http(search.replace("https://", "http://"), BOT, BOT_PW, "POST", {"max_results": 1})  # no plain HTTP
+    # plain HTTP beyond loopback is refused unless a TLS terminator is in front
+    env = {k: v for k, v in team.env.items() if not k.startswith("MLFLOW_TLS_")}
+    r = subprocess.run([sys.executable, str(RECIPE / "serve.py"), "serve"], env={**os.environ, **env,
+                       "MLFLOW_HOST": "0.0.0.0"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "would send passwords in clear" in r.stderr, r.stderr
 
 
 def test_a_client_with_credentials_logs_runs_and_artifacts_go_to_the_bucket(team, s3, as_bot, tmp_path):

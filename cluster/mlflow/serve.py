@@ -11,6 +11,8 @@ the commands a test checks are the commands the recipes ship.
     python serve.py bucket migrate   # steps run in the order given; `bucket` creates the s3://
                                      # bucket of MLFLOW_ARTIFACTS_DESTINATION if it is missing (MinIO)
     python serve.py all              # migrate, then serve
+    python serve.py cert serve       # `cert` makes a self-signed certificate at MLFLOW_TLS_CERT /
+                                     # MLFLOW_TLS_KEY if none is there (for trying it out)
 
 Settings come from the environment only (secrets included), never from arguments:
 
@@ -22,15 +24,22 @@ Settings come from the environment only (secrets included), never from arguments
     MLFLOW_AUTH_ADMIN_USERNAME      default admin
     MLFLOW_DEFAULT_PERMISSION       what every user may do on others' experiments: READ (default),
                                     EDIT, MANAGE or NO_PERMISSIONS
-    MLFLOW_HOST / MLFLOW_PORT / MLFLOW_WORKERS   default 0.0.0.0 / 5000 / 2
+    MLFLOW_HOST / MLFLOW_PORT / MLFLOW_WORKERS   default 127.0.0.1 / 5000 / 2
+    MLFLOW_TLS_CERT / MLFLOW_TLS_KEY the server's certificate chain and key (PEM): the server speaks
+                                    HTTPS. Without them it serves plain HTTP on loopback only, unless
+                                    MLFLOW_PLAIN_HTTP_BEHIND_TLS=1 says a proxy or an Ingress in front
+                                    terminates TLS (passwords never cross a network in clear)
+    MLFLOW_TLS_NAMES                host names and addresses `cert` writes into the self-signed
+                                    certificate (default localhost,127.0.0.1); its CA is ca.pem beside it
     MLFLOW_ALLOWED_HOSTS            Host headers the server answers, e.g. "mlflow,mlflow.team.svc,*.lab.org"
                                     (MLflow's default: localhost and private IPs)
     MLFLOW_BACKUP_DESTINATION       a folder or s3://bucket/prefix for the pre-upgrade dump (optional)
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3 (MinIO)   the artifact bucket;
                                     leave the keys unset to use the instance identity / IRSA
 
-Clients need only the tracking URI and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD:
-artifacts travel through the server (`mlflow-artifacts:`), so they need no bucket credentials.
+Clients need only the tracking URI (https://...) and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
+(with a self-signed certificate, MLFLOW_TRACKING_SERVER_CERT_PATH=ca.pem as well): artifacts travel
+through the server (`mlflow-artifacts:`), so they need no bucket credentials.
 """
 from __future__ import annotations
 
@@ -74,6 +83,83 @@ def check_settings() -> None:
         raise SetupError(f"MLFLOW_DEFAULT_PERMISSION={permission!r} is not one of {', '.join(PERMISSIONS)}")
     if not setting("MLFLOW_ARTIFACTS_DESTINATION").startswith(("s3://", "gs://", "/")):
         raise SetupError("MLFLOW_ARTIFACTS_DESTINATION must be s3://..., gs://... or an absolute folder")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def tls_files() -> tuple[str, str] | None:
+    """(certificate, key) when the server speaks HTTPS; None for plain HTTP, allowed only on
+    loopback or behind a TLS terminator (MLFLOW_PLAIN_HTTP_BEHIND_TLS=1)."""
+    cert, key = os.environ.get("MLFLOW_TLS_CERT", "").strip(), os.environ.get("MLFLOW_TLS_KEY", "").strip()
+    if bool(cert) != bool(key):
+        raise SetupError("MLFLOW_TLS_CERT and MLFLOW_TLS_KEY go together: set both, or neither")
+    if cert:
+        for name, path in (("MLFLOW_TLS_CERT", cert), ("MLFLOW_TLS_KEY", key)):
+            if not Path(path).is_file():
+                raise SetupError(f"{name}={path}: no such file (`serve.py cert` makes a self-signed pair)")
+        return cert, key
+    host = setting("MLFLOW_HOST", "127.0.0.1")
+    if host not in LOOPBACK and os.environ.get("MLFLOW_PLAIN_HTTP_BEHIND_TLS", "").strip() != "1":
+        raise SetupError(f"MLFLOW_HOST={host} over plain HTTP would send passwords in clear: set MLFLOW_TLS_CERT and "
+                         "MLFLOW_TLS_KEY (`serve.py cert` makes a self-signed pair), or terminate TLS in front of "
+                         "the server and set MLFLOW_PLAIN_HTTP_BEHIND_TLS=1")
+    return None
+
+
+def make_certificate() -> None:
+    """A self-signed CA (ca.pem beside the certificate) and a server certificate for
+    MLFLOW_TLS_NAMES at MLFLOW_TLS_CERT / MLFLOW_TLS_KEY, unless a certificate is already there."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    cert_path, key_path = Path(setting("MLFLOW_TLS_CERT")), Path(setting("MLFLOW_TLS_KEY"))
+    if cert_path.is_file() and key_path.is_file():
+        print(f"serve.py: keeping the certificate at {cert_path}", flush=True)
+        return
+    names = [n.strip() for n in setting("MLFLOW_TLS_NAMES", "localhost,127.0.0.1").split(",") if n.strip()]
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(subject: str, issuer_name, public_key, signing_key, ca: bool, sans=None):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer_name).public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=825))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        else:
+            builder = (builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                       .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                       .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True))
+        return builder
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "diffcraft team MLflow CA (self-signed)")])
+    ca = build("diffcraft team MLflow CA (self-signed)", ca_name, ca_key.public_key(), ca_key, True).sign(ca_key, hashes.SHA256())
+    sans = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    server = (build(names[0], ca.subject, key.public_key(), ca_key, False, sans)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    (cert_path.parent / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    print(f"serve.py: made a self-signed certificate for {', '.join(names)} at {cert_path} "
+          f"(clients trust {cert_path.parent / 'ca.pem'})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +274,7 @@ def server_command() -> list[str]:
     cmd = [sys.executable, "-m", "mlflow", "server",
            "--app-name", "basic-auth",
            "--serve-artifacts",
-           "--host", setting("MLFLOW_HOST", "0.0.0.0"),
+           "--host", setting("MLFLOW_HOST", "127.0.0.1"),
            "--port", setting("MLFLOW_PORT", "5000"),
            "--workers", setting("MLFLOW_WORKERS", "2")]
     # --backend-store-uri and --artifacts-destination are read by `mlflow server` from
@@ -196,6 +282,9 @@ def server_command() -> list[str]:
     allowed = os.environ.get("MLFLOW_ALLOWED_HOSTS", "").strip()
     if allowed:
         cmd += ["--allowed-hosts", allowed]
+    tls = tls_files()
+    if tls:  # uvicorn terminates TLS itself
+        cmd += ["--uvicorn-opts", f"--ssl-certfile {tls[0]} --ssl-keyfile {tls[1]}"]
     return cmd
 
 
@@ -235,7 +324,7 @@ def make_bucket() -> None:
         print(f"serve.py: created bucket {bucket}", flush=True)
 
 
-STEPS = {"bucket": make_bucket, "migrate": migrate, "serve": serve}
+STEPS = {"cert": make_certificate, "bucket": make_bucket, "migrate": migrate, "serve": serve}
 
 
 def main(argv: list[str]) -> int:
