@@ -710,6 +710,25 @@ def test_compose_stack_runs_the_scripts_the_team_mlflow_test_runs():
     assert used <= documented, f"not in team.env.example: {sorted(used - documented)}"
 
 
+def test_the_team_server_recipes_speak_tls_bind_loopback_and_give_each_service_only_its_secrets():
+    services = compose()["services"]
+    mlflow = services["mlflow"]
+    assert mlflow["ports"] == ["${MLFLOW_BIND:-127.0.0.1}:5000:5000"]
+    assert mlflow["environment"]["MLFLOW_TLS_CERT"] and mlflow["depends_on"]["mlflow-cert"]
+    assert services["mlflow-cert"]["command"] == ["cert"] and "https://" in mlflow["healthcheck"]["test"][-1]
+    for name, service in services.items():
+        env = service.get("environment", {})
+        assert ("OPTUNA_STORAGE" in env) == (name == "backup"), name  # only the backup dumps Optuna's database
+        assert "MLFLOW_AUTH_ADMIN_PASSWORD" not in env or name.startswith("mlflow"), name
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in kustomize(CLUSTER / "mlflow")}
+    pod = objects[("Deployment", "mlflow")]["spec"]["template"]["spec"]
+    names = {e["name"] for c in pod["containers"] + pod["initContainers"] for e in c.get("env", [])}
+    assert not {n for n in names if n.startswith("OPTUNA")}, names
+    (tls,) = objects[("Ingress", "mlflow")]["spec"]["tls"]
+    assert tls["secretName"] == "mlflow-tls"
+    assert objects[("ConfigMap", "mlflow-settings")]["data"]["MLFLOW_PLAIN_HTTP_BEHIND_TLS"] == "1"
+
+
 # ---------------------------------------------------------------------------------------------
 # the runbook
 # ---------------------------------------------------------------------------------------------
