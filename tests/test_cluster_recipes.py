@@ -318,6 +318,15 @@ def test_aws_node_configs_are_valid_run_instances_requests_with_instance_profile
         assert {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"} <= resources, f"{who} policy misses the study bucket"
 
 
+def test_onprem_nodes_read_their_own_credentials_before_ray_start():
+    config = launcher(CLUSTER / "launcher" / "onprem.yaml")
+    assert config["file_mounts"]["~/.diffcraft-env"] == "~/.diffcraft/cluster-env"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = config[key][-1]
+        assert start.index(". ~/.diffcraft-env/cluster.env") < start.index("ray start"), start
+        assert "set -a" in start  # exported, so Ray's processes inherit them
+
+
 def test_onprem_config_lists_the_lab_machines():
     config = launcher(CLUSTER / "launcher" / "onprem.yaml")
     prepared = ray_validate(config)
