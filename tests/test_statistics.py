@@ -1,15 +1,19 @@
-"""The report's statistics against direct computations on constructed examples."""
+"""The report's statistics against direct computations (scipy, statsmodels) on data built with a
+seed effect and a song effect: the seed, not the clip, is the unit."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from diffcraft.errors import StudyConfigError
 from diffcraft.study.config import StudyConfig
-from diffcraft.study.report import Comparison, report_rows
+from diffcraft.study.report import Comparison, report_markdown, report_rows
+from diffcraft.study.stats import ClipScore, holm, seed_interval
 from diffcraft.study.status import TrialRecord
 from diffcraft.train.evaluate import summarize
-from diffcraft.train.metrics import mean_of_means, paired_difference, read_clip_table, write_clip_table
+from diffcraft.train.metrics import read_clip_table, write_clip_table
+from diffcraft.typed_yaml import from_dict
 
 
 def se(values):
@@ -27,21 +31,6 @@ def test_per_clip_summaries_leave_out_clips_without_a_score():
     assert out["test_n_clips"] == 4
 
 
-def test_paired_difference_and_seed_means_match_a_direct_computation():
-    rng = np.random.default_rng(0)
-    clip_effect = rng.normal(0, 5, 30)  # a large clip-to-clip spread shared by both configurations
-    a = {f"c{i}": float(clip_effect[i] + 1.0 + rng.normal(0, 0.1)) for i in range(30)}
-    b = {f"c{i}": float(clip_effect[i] + rng.normal(0, 0.1)) for i in range(30)}
-    b["only_b"], a["c0"] = 3.0, math.nan
-    diff, diff_se, n = paired_difference(a, b)
-    direct = [a[f"c{i}"] - b[f"c{i}"] for i in range(1, 30)]
-    assert n == 29 and diff == pytest.approx(np.mean(direct)) and diff_se == pytest.approx(se(direct))
-    assert diff_se < se(list(a.values())[1:]) / 10  # pairing removes the clip spread
-    mean, mean_se, seeds = mean_of_means([1.0, 2.0, 6.0])
-    assert (mean, seeds) == (3.0, 3) and mean_se == pytest.approx(se([1, 2, 6]))
-    assert math.isnan(mean_of_means([1.0])[1])
-
-
 def test_clip_tables_round_trip(tmp_path):
     scores = {"mss": torch.tensor([0.1, 0.25]), "rpa": torch.tensor([math.nan, 0.5])}
     text = write_clip_table(tmp_path / "t.csv", ["s/a#0", "s/a#1"], scores).read_text()
@@ -50,35 +39,166 @@ def test_clip_tables_round_trip(tmp_path):
     assert math.isnan(table["rpa"]["s/a#0"]) and table["rpa"]["s/a#1"] == 0.5
 
 
-def record(run_id, group_params, seed, test_mss, val_mss):
-    return TrialRecord(run_id, run_id, "FINISHED", {**group_params, "train.seed": seed}, str(group_params), seed, 2,
-                       {"val_mss_mean": val_mss, "val_loss": val_mss}, {"test_mss_mean": test_mss,
-                                                                        "n_parameters": 100.0}, False)
+BEST, WORSE, SAME = (f"model.decoder.core={core}" for core in "abc")  # the report's names of three configurations
+EFFECTS = {BEST: 0.0, WORSE: 0.6, SAME: 0.02}  # their true differences
+SONGS, CLIPS_PER_SONG, SEEDS = ("song0", "song1"), 6, 5
 
 
-def test_report_rows_compare_configurations_over_seeds_and_paired_clips():
-    study = StudyConfig(name="s")
-    study.objective.metric, study.objective.mode = "val_loss", "min"
-    clips = [f"c{i}" for i in range(5)]
-    scores = {"g1s0": [1.0, 2.0, 3.0, 4.0, 5.0], "g1s1": [1.2, 2.2, 3.2, 4.2, 5.2],
-              "g2s0": [2.0, 2.5, 3.9, 4.1, 7.0], "g2s1": [2.2, 2.9, 4.1, 4.3, 7.4]}
-    tables = {run: {"mss": dict(zip(clips, values))} for run, values in scores.items()}
-    records = [record(run, {"core": run[:2]}, run[-1], float(np.mean(v)), float(np.mean(v)) + 0.5)
-               for run, v in scores.items()]
-    groups = {"core=g1": records[:2], "core=g2": records[2:]}
-    rows = report_rows(study, Comparison("test", groups, tables))
-    assert [r["configuration"] for r in rows] == ["core=g1", "core=g2"]  # best (lowest val_loss) first
-    g2 = rows[1]
-    seed_means = [np.mean(scores["g2s0"]), np.mean(scores["g2s1"])]
-    assert g2["mss_mean"] == pytest.approx(np.mean(seed_means)) and g2["mss_mean_se_seeds"] == pytest.approx(se(seed_means))
-    pooled = scores["g2s0"] + scores["g2s1"]
-    assert g2["mss_mean_pooled"] == pytest.approx(np.mean(pooled)) and g2["mss_mean_pooled_n"] == 10
-    assert g2["mss_mean_pooled_se"] == pytest.approx(se(pooled))
-    per_clip = [(a + b) / 2 - (c + d) / 2 for a, b, c, d in zip(scores["g2s0"], scores["g2s1"], scores["g1s0"],
-                                                              scores["g1s1"])]
-    assert g2["mss_mean_diff"] == pytest.approx(np.mean(per_clip)) and g2["mss_mean_diff_se"] == pytest.approx(se(per_clip))
-    assert g2["val_mss_mean"] == pytest.approx(np.mean(seed_means) + 0.5)
-    assert rows[0]["mss_mean_diff"] == 0.0 and g2["n_parameters"] == 100.0
+def built_study(seed_sd=0.3, song_sd=1.0, clip_sd=0.3, noise_sd=0.05, rng_seed=0):
+    """Trials of three configurations x SEEDS seeds scored on clips of two songs: score = configuration
+    effect + seed effect + song effect + clip effect + noise; their Comparison on the test split."""
+    rng = np.random.default_rng(rng_seed)
+    song = {s: rng.normal(0, song_sd) for s in SONGS}
+    clips = {f"{s}/f.wav#{i}": song[s] + rng.normal(0, clip_sd) for s in SONGS for i in range(CLIPS_PER_SONG)}
+    records, tables = [], {}
+    for config, effect in EFFECTS.items():
+        for seed in range(SEEDS):
+            run = f"{config}-s{seed}"
+            luck = rng.normal(0, seed_sd)
+            tables[run] = {"mss": {c: float(effect + luck + base + rng.normal(0, noise_sd))
+                                   for c, base in clips.items()}}
+            mean = float(np.mean(list(tables[run]["mss"].values())))
+            val_loss = effect + (0.01 * seed if config != BEST else -1.0)  # BEST is the best by the objective
+            params = {"model.decoder.core": config.split("=")[1], "train.seed": seed}
+            records.append(TrialRecord(run, run, "FINISHED", params, config, seed, 2,
+                                       {"val_mss_mean": mean + 0.1, "val_loss": val_loss},
+                                       {"test_mss_mean": mean, "n_parameters": 100.0}, False))
+    groups = {config: [r for r in records if r.group == config] for config in EFFECTS}
+    return Comparison("test", groups, tables)
+
+
+def study_config(**report):
+    return from_dict(StudyConfig, {"name": "s", "objective": {"metric": "val_loss", "mode": "min"},
+                                   "search": {"space": {"model.decoder.core": {"grid": ["gru", "mamba"]}}},
+                                   "report": report})
+
+
+def long_frame(comparison, configs):
+    import pandas as pd
+
+    return pd.DataFrame([{"y": v, "x": float(config == configs[0]), "trial": run, "song": clip.split("/")[0],
+                          "clip": clip} for config in configs for r in comparison.groups[config]
+                         for run in [r.run_id] for clip, v in comparison.tables[run]["mss"].items()])
+
+
+def test_each_configuration_is_its_mean_over_seeds_with_a_t_interval():
+    from scipy import stats
+
+    c = built_study()
+    rows = {row["configuration"]: row for row in report_rows(study_config(), c)}
+    for config, members in c.groups.items():
+        means = [np.mean(list(c.tables[r.run_id]["mss"].values())) for r in members]
+        low, high = stats.t.interval(0.95, len(means) - 1, loc=np.mean(means), scale=stats.sem(means))
+        row = rows[config]
+        assert row["mss_mean"] == pytest.approx(np.mean(means))
+        assert (row["mss_mean_low"], row["mss_mean_high"]) == (pytest.approx(low), pytest.approx(high))
+        assert row["mss_mean_seed_sd"] == pytest.approx(np.std(means, ddof=1))
+        assert high - low > 2 * 2 * stats.sem(means)  # 4 degrees of freedom: wider than ± 2 SE
+    one = seed_interval([0.5])
+    assert one.mean == 0.5 and math.isnan(one.low) and math.isnan(one.sd)
+
+
+def test_differences_come_from_a_mixed_model_with_seed_song_and_clip_effects():
+    import statsmodels.formula.api as smf
+    from scipy import stats
+    from statsmodels.stats.multitest import multipletests
+
+    c = built_study()
+    rows = {row["configuration"]: row for row in report_rows(study_config(), c)}
+    assert rows[WORSE]["baseline"] == BEST  # the best by the objective
+    direct_p = {}
+    for config in (WORSE, SAME):
+        frame = long_frame(c, [config, BEST])
+        fit = smf.mixedlm("y ~ x", frame, groups=np.ones(len(frame)), re_formula="0",
+                          vc_formula={k: f"0 + C({k})" for k in ("trial", "song", "clip")}).fit(reml=True)
+        estimate, se_, df = fit.params["x"], fit.bse["x"], 2 * SEEDS - 2
+        row = rows[config]
+        assert row["mss_mean_diff"] == pytest.approx(estimate, rel=1e-6)
+        assert row["mss_mean_diff_se"] == pytest.approx(se_, rel=1e-6)
+        half = stats.t.ppf(0.975, df) * se_
+        assert (row["mss_mean_diff_low"], row["mss_mean_diff_high"]) == (pytest.approx(estimate - half),
+                                                                         pytest.approx(estimate + half))
+        direct_p[config] = 2 * stats.t.sf(abs(estimate / se_), df)
+        assert row["mss_mean_p"] == pytest.approx(direct_p[config])
+        # balanced data: the same answer as Student's t on the seed means, the unit
+        a = [r.final["test_mss_mean"] for r in c.groups[BEST]]
+        b = [r.final["test_mss_mean"] for r in c.groups[config]]
+        assert row["mss_mean_p"] == pytest.approx(stats.ttest_ind(b, a).pvalue, rel=0.05)
+        pooled = math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)
+        assert row["mss_mean_effect"] == pytest.approx(estimate / pooled)
+        # a clip-level paired test of the seed-averaged clips (what the report did) is far too confident
+        naive = stats.ttest_rel(*(np.mean([list(c.tables[r.run_id]["mss"].values()) for r in c.groups[g]], 0)
+                                  for g in (config, BEST))).pvalue
+        assert naive < row["mss_mean_p"] / 10
+    holm_direct = multipletests([direct_p[WORSE], direct_p[SAME]], method="holm")[1]
+    assert [rows[k]["mss_mean_p_holm"] for k in (WORSE, SAME)] == pytest.approx(list(holm_direct))
+    assert rows[WORSE]["mss_mean_p_holm"] < 0.05 < rows[SAME]["mss_mean_p_holm"]
+
+
+def test_equivalence_is_tost_with_the_study_files_margin():
+    from statsmodels.stats.weightstats import ttost_ind
+
+    c = built_study(seed_sd=0.05)
+    rows = {row["configuration"]: row for row in report_rows(study_config(equivalence={"mss_mean": 0.2}), c)}
+    a = [r.final["test_mss_mean"] for r in c.groups[BEST]]
+    for config in (WORSE, SAME):
+        b = [r.final["test_mss_mean"] for r in c.groups[config]]
+        direct = ttost_ind(b, a, -0.2, 0.2, usevar="pooled")[0]
+        assert rows[config]["mss_mean_tost_p"] == pytest.approx(direct, rel=0.05)
+    assert rows[SAME]["mss_mean_tost_p_holm"] < 0.05 < rows[WORSE]["mss_mean_tost_p_holm"]
+    text = report_markdown(study_config(equivalence={"mss_mean": 0.2}), [r for g in c.groups.values() for r in g],
+                           comparison=c)
+    line = next(line for line in text.splitlines() if line.startswith(f"| {SAME}") and "(± 0.2)" in line)
+    assert "equivalent" in line and "linear mixed model" in text and "Holm" in text
+
+
+def test_a_named_baseline_is_what_the_others_are_compared_to():
+    c = built_study()
+    rows = {row["configuration"]: row for row in report_rows(study_config(baseline=WORSE), c)}
+    assert rows[BEST]["baseline"] == WORSE and rows[BEST]["mss_mean_diff"] < 0
+    assert "mss_mean_diff" not in rows[WORSE]
+    with pytest.raises(StudyConfigError, match="report.baseline: 'model.decoder.core=z'"):
+        report_rows(study_config(baseline="model.decoder.core=z"), c)
+
+
+def test_per_song_table_averages_each_trials_clips_of_the_song_over_seeds():
+    c = built_study()
+    intervals = c.song_intervals(WORSE, "mss_mean")
+    assert set(intervals) == set(SONGS)
+    per_trial = [np.mean([v for k, v in c.tables[r.run_id]["mss"].items() if k.startswith("song1/")])
+                 for r in c.groups[WORSE]]
+    assert intervals["song1"].mean == pytest.approx(np.mean(per_trial))
+    assert intervals["song1"].sd == pytest.approx(np.std(per_trial, ddof=1))
+
+
+def test_holm_matches_statsmodels_and_leaves_nan_out():
+    from statsmodels.stats.multitest import multipletests
+
+    p = [0.01, 0.04, 0.03, 0.2]
+    assert holm(p + [math.nan])[:4] == pytest.approx(list(multipletests(p, method="holm")[1]))
+    assert math.isnan(holm([0.1, math.nan])[1])
+
+
+def test_trials_without_clip_scores_are_compared_on_their_means_by_students_t():
+    from scipy import stats
+
+    c = built_study()
+    c.tables = {}
+    rows = {row["configuration"]: row for row in report_rows(study_config(), c)}
+    a = [r.final["test_mss_mean"] for r in c.groups[BEST]]
+    b = [r.final["test_mss_mean"] for r in c.groups[WORSE]]
+    assert rows[WORSE]["mss_mean_p"] == pytest.approx(stats.ttest_ind(b, a).pvalue)
+    assert rows[WORSE]["mss_mean_method"] == "seed means"
+
+
+@pytest.mark.parametrize("report, message", [
+    ({"equivalence": {"loss": 0.1}}, "report.equivalence.loss: not a metric"),
+    ({"equivalence": {"mss_mean": -0.1}}, "report.equivalence.mss_mean: the margin must be a positive number"),
+    ({"baseline": "train.lr=0.1"}, "report.baseline: 'train.lr=0.1' is not key=value of a searched dimension"),
+])
+def test_invalid_report_fields_are_named(report, message):
+    with pytest.raises(StudyConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        study_config(**report).validate()
 
 
 def test_every_score_has_one_value_per_clip_when_the_last_batch_holds_one_clip():

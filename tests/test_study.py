@@ -80,7 +80,7 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
     assert "2 trials (2 finished)" in lines[0] and lines[-1].startswith("best so far")
     report = write_report(study).read_text()
     assert "model.decoder.core=gru" in report and "Numbers from the test split" in report
-    assert "## Paired differences to the best configuration" in report and "val_mss_mean" in report
+    assert "## Differences to model.decoder.core=" in report and "val_mss_mean" in report
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} == {
         "report/s_report.md", "report/s_report.csv"}
     again = run_study(study, verbose=0)  # the same file again continues the finished study: nothing reruns

@@ -13,6 +13,7 @@ MSS, F0_LOSS, LOUDNESS_LOSS, KL = "mss", "f0_loss", "loudness_loss", "kl"
 RPA, RCA, LOUDNESS_MAE_DB, SHUFFLE_GAP = "rpa", "rca", "loudness_mae_db", "shuffle_gap"
 MEAN_NAMES = {MSS: "mss_mean"}  # where a mean's metric name is not the score's own
 N_CLIPS = "n_clips"  # clips scored on the split
+HEADLINE = (MSS, F0_LOSS, RPA, RCA, LOUDNESS_LOSS, LOUDNESS_MAE_DB, KL)  # the scores a study report compares
 
 # one epoch's record (`train.loop.epoch_metrics`)
 EPOCH, STEP, LR, BETA = "epoch", "step", "lr", "beta"
@@ -36,6 +37,11 @@ VAL_ACTIVE_UNITS, VAL_LATENT_DIMS = VAL + ACTIVE_UNITS, VAL + LATENT_DIMS
 def mean_name(score: str, prefix: str = "") -> str:
     """The metric holding a score's mean over clips: ('mss', 'val_') -> 'val_mss_mean'."""
     return prefix + MEAN_NAMES.get(score, score)
+
+
+def headline_names() -> tuple[str, ...]:
+    """The metrics (without prefix) a study report compares: the means of the HEADLINE scores."""
+    return tuple(mean_name(score) for score in HEADLINE)
 
 
 def score_of(mean: str) -> str:
