@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from diffcraft.errors import DiffcraftError
+from diffcraft.train.provenance import COMMAND_ENV
 
 
 def _cmd_synth(args) -> None:
@@ -388,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ[COMMAND_ENV] = shlex.join(["diffcraft", *(sys.argv[1:] if argv is None else argv)])  # runs record it
     try:
         args.func(args)
     except DiffcraftError as err:

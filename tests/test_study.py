@@ -54,7 +54,8 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
     assert {r.data.params["model.decoder.core"] for r in children} == {"gru", "mamba"}
     for run in children:
         assert run.info.status == "FINISHED"
-        for tag in ("study", "trial_id", "seed", "config_hash", "code_version"):
+        for tag in ("study", "trial_id", "seed", "config_hash", "code_version", "repro.torch", "repro.cache_manifest",
+                    "repro.command"):
             assert run.data.tags[tag]
         # the Mamba scan that ran: numba's kernels on a CPU worker, none for a GRU
         assert run.data.tags["scan"] == ("fused" if run.data.params["model.decoder.core"] == "mamba" else "none")
@@ -81,6 +82,7 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
     report = write_report(study).read_text()
     assert "model.decoder.core=gru" in report and "Numbers from the test split" in report
     assert "## Differences to model.decoder.core=" in report and "val_mss_mean" in report
+    assert "## Reproducibility" in report and "| cache_manifest |" in report  # every trial recorded the same
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} == {
         "report/s_report.md", "report/s_report.csv"}
     again = run_study(study, verbose=0)  # the same file again continues the finished study: nothing reruns

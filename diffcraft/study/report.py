@@ -22,6 +22,7 @@ from diffcraft.study.status import COST, TrialRecord, best_record, trial_records
 from diffcraft.study.tracking import NOTE
 from diffcraft.train.names import (ACTIVE_UNITS, KL, MEAN_SIGMA, N_PARAMETERS, SECONDS_PER_EPOCH, SHUFFLE_GAP, TEST,
                                    VAL, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS, headline_names, score_of)
+from diffcraft.train.provenance import RECORD
 
 HEADLINE = headline_names()  # per clip
 LATENT = tuple(VAL + k for k in (ACTIVE_UNITS, KL, MEAN_SIGMA, SHUFFLE_GAP))  # collapse diagnostics
@@ -210,6 +211,7 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
         for row in rows:
             md.append(f"| {row['configuration']} | " + " | ".join(_interval_cell(row, f"val_{m}")
                                                                  for m in c.metrics) + " |")
+    md += reproducibility_section(records)
     present = [k for k in LATENT if any(k in r.best for r in records)]
     if present:
         md += ["", "## Latent diagnostics (validation, at the selected epoch)", "",
@@ -226,6 +228,30 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
                 cells.append(_interval_cell(cell, "v") + (dims if key == VAL_ACTIVE_UNITS else ""))
             md.append(f"| {row['configuration']} | " + " | ".join(cells) + " |")
     return "\n".join(md) + "\n"
+
+
+def reproducibility_section(records: list[TrialRecord]) -> list[str]:
+    """The trials' reproducibility record (`train.provenance`) once, and a warning for every key
+    in which trials differ, naming them."""
+    keys = sorted({k for r in records for k in r.record})
+    if not keys:
+        return []
+    md = ["", "## Reproducibility", "", "What every trial recorded (its MLflow tags `repro.*`).", "",
+          "| record | value |", "|---|---|"]
+    differ = []
+    for key in keys:
+        values: dict[str, list[str]] = {}
+        for r in records:
+            values.setdefault(r.record.get(key, "(not recorded)"), []).append(r.name or r.trial)
+        if len(values) == 1:
+            md.append(f"| {key.removeprefix(RECORD)} | `{next(iter(values))}` |")
+        else:
+            differ.append(f"- **{key.removeprefix(RECORD)}**: " + "; ".join(
+                f"`{value}` ({len(who)} trial{'s' * (len(who) > 1)}: {', '.join(sorted(who)[:4])}{' ...' if len(who) > 4 else ''})"
+                for value, who in sorted(values.items())))
+    if differ:
+        md += ["", f"**Warning: the trials differ in {len(differ)} of these:**", "", *differ]
+    return md
 
 
 def _difference_section(study: StudyConfig, c: Comparison, rows: list[dict]) -> list[str]:
@@ -305,7 +331,8 @@ def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
     rows = report_rows(study, comparison)
     csv_path = out_dir / f"{study.name}_report.csv"
     with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["configuration"])
+        fields = list(dict.fromkeys(k for row in rows for k in row)) or ["configuration"]  # the baseline has no diff
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     md_path = out_dir / f"{study.name}_report.md"
