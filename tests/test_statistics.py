@@ -225,3 +225,43 @@ def test_every_score_has_one_value_per_clip_when_the_last_batch_holds_one_clip()
         name: 3 for name in ("f0_loss", "loudness_loss", "rpa", "rca", "loudness_mae_db", "kl", "shuffle_gap")}
     assert not math.isnan(scores["shuffle_gap"][0]) and math.isnan(scores["shuffle_gap"][2])
     assert latent["latent_dims"] == 4
+
+
+def test_collapse_diagnostics_name_the_head_that_collapsed():
+    """A loudness head whose posterior is the prior on every frame: no active unit, no KL, and
+    shuffling its z changes nothing; the F0 head carries all of the totals."""
+    from contextlib import nullcontext
+
+    from diffcraft.losses import MultiScaleSpectralLoss
+    from diffcraft.models.autoencoder import DiffCraft, ModelConfig
+    from diffcraft.train.evaluate import clip_scores
+    from diffcraft.typed_yaml import from_dict
+
+    torch.manual_seed(0)
+    model = DiffCraft(from_dict(ModelConfig, {"stage": "encoder", "encoder": {
+        "encoding": "separate", "latent": "vae", "core": "gru", "width": 8, "latent_size": 3, "head_width": 8}}))
+    with torch.no_grad():
+        model.encoder.heads["loudness"].proj.weight.zero_()
+        model.encoder.heads["loudness"].proj.bias.zero_()
+        model.encoder.heads["f0"].proj.weight.mul_(30.0)
+    generator = torch.Generator().manual_seed(1)
+    batches = [{"audio": 0.3 * torch.randn(3, 64000, generator=generator),
+                "f0_hz": 200 + 300 * torch.rand(3, 1, generator=generator).expand(3, 400),
+                "voicing": torch.ones(3, 400), "loudness_db": torch.full((3, 400), -30.0)} for _ in range(2)]
+    scores, latent = clip_scores(model, batches, MultiScaleSpectralLoss(), torch.device("cpu"), nullcontext)
+    assert latent["active_units_loudness"] == 0 and latent["active_units_f0"] == latent["active_units"] > 0
+    assert latent["kl_loudness"] == 0.0 and latent["kl_f0"] == pytest.approx(float(scores["kl"].mean()))
+    assert latent["shuffle_gap_loudness"] == 0.0 and latent["shuffle_gap_f0"] != 0.0
+    assert latent["shuffle_gap_f0"] == pytest.approx(float(scores["shuffle_gap"].mean()))
+
+
+def test_the_report_shows_latent_diagnostics_per_head():
+    c = built_study()
+    for i, r in enumerate(r for group in c.groups.values() for r in group):
+        r.best.update({"val_active_units": 3.0 + i % 2, "val_latent_dims": 8.0, "val_active_units_f0": 3.0 + i % 2,
+                       "val_active_units_loudness": 0.0, "val_kl_loudness": 0.0})
+    text = report_markdown(study_config(), [r for g in c.groups.values() for r in g], comparison=c)
+    section = text.split("## Latent diagnostics")[1]
+    assert "| val_active_units | val_active_units_f0 | val_active_units_loudness | val_kl_loudness |" in section
+    row = next(line for line in section.splitlines() if line.startswith(f"| {WORSE} |"))
+    assert row.split(" | ")[3].startswith("0.0000") and " / 8" in row.split(" | ")[1]

@@ -14,18 +14,22 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from diffcraft.errors import StudyConfigError
+from diffcraft.models.encoders import LATENT_HEADS
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.search import optuna_storage
 from diffcraft.study.stats import LEVEL, METHODS, ClipScore, Difference, SeedInterval, compare_to, seed_interval
 from diffcraft.study.status import COST, TrialRecord, best_record, trial_records
 from diffcraft.study.tracking import NOTE
-from diffcraft.train.names import (ACTIVE_UNITS, KL, MEAN_SIGMA, N_PARAMETERS, SECONDS_PER_EPOCH, SHUFFLE_GAP, TEST,
-                                   VAL, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS, headline_names, score_of)
+from diffcraft.train.names import (ACTIVE_UNITS, HEAD_DIAGNOSTICS, KL, MEAN_SIGMA, N_PARAMETERS, SECONDS_PER_EPOCH,
+                                   SHUFFLE_GAP, TEST, VAL, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS, headline_names, per_head,
+                                   score_of)
 from diffcraft.train.provenance import RECORD
 
 HEADLINE = headline_names()  # per clip
-LATENT = tuple(VAL + k for k in (ACTIVE_UNITS, KL, MEAN_SIGMA, SHUFFLE_GAP))  # collapse diagnostics
+HEADS = sorted({head for heads in LATENT_HEADS.values() for head in heads})
+LATENT = (tuple(VAL + k for k in (ACTIVE_UNITS, KL, MEAN_SIGMA, SHUFFLE_GAP))  # collapse diagnostics, then per head
+          + tuple(VAL + per_head(k, head) for k in HEAD_DIAGNOSTICS for head in HEADS))
 WHOLE_TRIAL = "(trial mean)"  # the clip name of a trial's mean when it logged no per-clip scores
 
 
@@ -216,7 +220,9 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
     if present:
         md += ["", "## Latent diagnostics (validation, at the selected epoch)", "",
                f"Mean over seeds [{level} t interval] (seed SD): active units (of the latent dimensions), KL in nats "
-               "per frame, mean posterior sigma, and the z-shuffle gap (near 0: the decoders ignore z).", ""]
+               "per frame, mean posterior sigma, and the z-shuffle gap (near 0: the decoders ignore z); then the "
+               "same per latent head (`_f0`, `_loudness`, `_shared`): a head with no active unit, no KL and no "
+               "shuffle gap is unused.", ""]
         md += head(present)
         for row in rows:
             trials = c.groups[row["configuration"]]

@@ -25,6 +25,7 @@ RANK_WEIGHT_SPREAD = "rank_weight_spread"  # data parallelism: the ranks' larges
 # latent diagnostics of the validation set as a whole (`val_` prefixed)
 ACTIVE_UNITS, LATENT_DIMS, LATENT_VARIANCE, MEAN_SIGMA = "active_units", "latent_dims", "latent_variance", "mean_sigma"
 PER_DIMENSION = (VAL + LATENT_VARIANCE, VAL + KL_PER_DIM)  # lists, one value per latent dimension
+HEAD_DIAGNOSTICS = (ACTIVE_UNITS, KL, SHUFFLE_GAP)  # also per latent head (`per_head`): which head collapsed
 
 # a trial's, beside its epochs: Tune's time attribute and guard flag, and the cost of its configuration
 EPOCHS_DONE, COLLAPSED = "epochs_done", "collapsed"
@@ -42,6 +43,11 @@ def mean_name(score: str, prefix: str = "") -> str:
 def headline_names() -> tuple[str, ...]:
     """The metrics (without prefix) a study report compares: the means of the HEADLINE scores."""
     return tuple(mean_name(score) for score in HEADLINE)
+
+
+def per_head(diagnostic: str, head: str) -> str:
+    """A latent diagnostic of one head ('val_active_units', 'loudness' -> 'val_active_units_loudness')."""
+    return f"{diagnostic}_{head}"
 
 
 def score_of(mean: str) -> str:
