@@ -265,3 +265,49 @@ def test_the_report_shows_latent_diagnostics_per_head():
     assert "| val_active_units | val_active_units_f0 | val_active_units_loudness | val_kl_loudness |" in section
     row = next(line for line in section.splitlines() if line.startswith(f"| {WORSE} |"))
     assert row.split(" | ")[3].startswith("0.0000") and " / 8" in row.split(" | ")[1]
+
+
+def test_factorial_effects_are_contrasts_of_a_cell_means_model():
+    import pandas as pd
+    import statsmodels.formula.api as smf
+
+    from diffcraft.study.stats import factorial_effects
+
+    rng = np.random.default_rng(3)
+    truth = {("a0", "b0"): 0.0, ("a0", "b1"): 0.5, ("a1", "b0"): 1.0, ("a1", "b1"): 0.2, ("a2", "b0"): 0.3,
+             ("a2", "b1"): 0.9}
+    cells = {k: list(v + rng.normal(0, 0.2, 3 + (k == ("a1", "b1")))) for k, v in truth.items()}  # one cell of 4
+    effects = {e.name: e for e in factorial_effects(cells, ("A", "B"))}
+    frame = pd.DataFrame([{"y": y, "cell": f"{a}|{b}"} for (a, b), ys in cells.items() for y in ys])
+    fit = smf.ols("y ~ 0 + C(cell)", frame).fit()
+    order = [name[len("C(cell)["):-1] for name in fit.params.index]
+
+    def weights(spec):
+        return np.array([spec.get(tuple(cell.split("|")), 0.0) for cell in order])
+
+    expected = {
+        "A: a1 vs a0": {("a1", "b0"): 0.5, ("a1", "b1"): 0.5, ("a0", "b0"): -0.5, ("a0", "b1"): -0.5},
+        "B: b1 vs b0": {(a, "b1"): 1 / 3 for a in ("a0", "a1", "a2")} | {(a, "b0"): -1 / 3 for a in ("a0", "a1", "a2")},
+        "A x B: (a2, b1)": {("a2", "b1"): 1, ("a0", "b1"): -1, ("a2", "b0"): -1, ("a0", "b0"): 1}}
+    for name, spec in expected.items():
+        test = fit.t_test(weights(spec))
+        low, high = test.conf_int(alpha=0.05)[0]
+        e = effects[name]
+        assert (e.estimate, e.low, e.high) == (pytest.approx(float(test.effect[0])), pytest.approx(low),
+                                               pytest.approx(high))
+        assert e.p == pytest.approx(float(test.pvalue)) and e.df == fit.df_resid == 19 - 6
+    assert set(effects) == {"A: a1 vs a0", "A: a2 vs a0", "B: b1 vs b0", "A x B: (a1, b1)", "A x B: (a2, b1)"}
+    assert factorial_effects({("a0", "b0"): [1.0, 2.0], ("a1", "b1"): [1.0, 2.0]}, ("A", "B")) == []  # not crossed
+
+
+def test_a_grid_of_two_dimensions_gets_the_factorial_section():
+    c = built_study()
+    for r in (r for group in c.groups.values() for r in group):
+        r.params["loss.kl.beta"] = str(int(r.seed) % 2)  # a second dimension, crossed with the first
+    study = study_config()
+    study.search.algorithm = "grid"
+    study.search.space["loss.kl.beta"] = study.search.space["model.decoder.core"]
+    text = report_markdown(study, [r for g in c.groups.values() for r in g], comparison=c)
+    section = text.split("## Factorial: main effects and interaction")[1].split("\n## ")[0]
+    assert "| loss.kl.beta: 1 vs 0 |" in section and "| model.decoder.core: b vs a |" in section
+    assert "| loss.kl.beta x model.decoder.core: (1, c) |" in section and "degrees of freedom" in section

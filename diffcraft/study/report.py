@@ -18,7 +18,9 @@ from diffcraft.models.encoders import LATENT_HEADS
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.search import optuna_storage
-from diffcraft.study.stats import LEVEL, METHODS, ClipScore, Difference, SeedInterval, compare_to, seed_interval
+from diffcraft.study.space import SEED
+from diffcraft.study.stats import (LEVEL, METHODS, ClipScore, Difference, SeedInterval, compare_to, factorial_effects,
+                                   seed_interval)
 from diffcraft.study.status import COST, TrialRecord, best_record, trial_records
 from diffcraft.study.tracking import NOTE
 from diffcraft.train.names import (ACTIVE_UNITS, HEAD_DIAGNOSTICS, KL, MEAN_SIGMA, N_PARAMETERS, SECONDS_PER_EPOCH,
@@ -208,6 +210,8 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
             cost + [_interval_cell(row, m) for m in c.metrics]) + " |")
     if len(rows) > 1:
         md += _difference_section(study, c, rows)
+    if study.report.factorial or (study.search.algorithm == "grid" and len(study.search.searched() - {SEED}) >= 2):
+        md += _factorial_section(c)
     md += _song_section(c, rows)
     if c.split == "test":
         md += ["", "## Validation (the split that chose each trial's epoch)", ""]
@@ -285,6 +289,39 @@ def _difference_section(study: StudyConfig, c: Comparison, rows: list[dict]) -> 
            "over the standard deviation between seeds, pooled over both configurations. Equivalence: two one-sided "
            f"t-tests against the margin set in report.equivalence (equivalent when its Holm-corrected p < "
            f"{1 - LEVEL:.2f}); '-' where no margin is set."]
+    return md
+
+
+def _factorial_section(c: Comparison) -> list[str]:
+    """Main effects and interaction of two crossed searched dimensions, per headline metric."""
+    factors = sorted({k for members in c.groups.values() for r in members for k in r.params} - {SEED})
+    md = ["", "## Factorial: main effects and interaction", ""]
+    if len(factors) != 2:
+        return md + [f"A factorial analysis needs exactly two searched dimensions; this study has {len(factors)} "
+                     f"({', '.join(factors) or 'none'})."]
+    effects = {}
+    for m in c.metrics:
+        cells: dict[tuple[str, str], list[float]] = {}
+        for group, members in c.groups.items():
+            for r in members:
+                value = (r.final if c.prefix == TEST else r.best).get(c.prefix + m)
+                if value is not None and math.isfinite(value):
+                    cells.setdefault((str(r.params[factors[0]]), str(r.params[factors[1]])), []).append(value)
+        effects[m] = {e.name: e for e in factorial_effects(cells, (factors[0], factors[1]))}
+    names = list(dict.fromkeys(name for per_metric in effects.values() for name in per_metric))
+    if not names:
+        return md + [f"No effect can be estimated: {factors[0]} x {factors[1]} must be fully crossed with two "
+                     "trials (seeds) in some cell."]
+    md += ["| effect | " + " | ".join(c.prefix + m for m in c.metrics) + " |", "|---|" + "---|" * len(c.metrics)]
+    for name in names:
+        cells = [(f"{e.estimate:+.4f} [{e.low:+.4f}, {e.high:+.4f}], p {_p(e.p)}" if (e := effects[m].get(name))
+                  else "-") for m in c.metrics]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    df = next(iter(next(iter(effects.values())).values())).df
+    md += ["", f"Method: a linear model of each trial's mean (the seed is the unit) with one mean per cell; a main "
+           f"effect is a level minus the first level (sorted order), averaged over the other dimension's levels; an "
+           f"interaction is the difference of differences of a 2 x 2 sub-table. {LEVEL:.0%} t intervals and "
+           f"two-sided p-values with {df} degrees of freedom (trials minus cells), not corrected for multiplicity."]
     return md
 
 

@@ -162,3 +162,56 @@ def compare_to(baseline: str, scores: list[ClipScore], seed_means: dict[str, lis
         for d, corrected in zip(out.values(), holm([getattr(d, name) for d in out.values()])):
             setattr(d, f"{name}_holm", corrected)
     return out
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One contrast of a two-factor design, from the trials' means (a cell-means linear model)."""
+    name: str  # "A: x vs x0", or "A x B: (x, y)" for an interaction
+    estimate: float
+    low: float
+    high: float
+    p: float
+    df: int  # trials minus cells: the seeds' spread within each cell
+
+
+def factorial_effects(cells: dict[tuple[str, str], list[float]], factors: tuple[str, str],
+                      level: float = LEVEL) -> list[Effect]:
+    """Main effects (each level against the first, averaged over the other factor's levels) and
+    interactions (each pair of non-first levels: the difference of differences) of a crossed two-
+    factor design; `cells`: (level of A, level of B) -> its trials' means. Empty when the design is
+    not fully crossed or leaves no degrees of freedom."""
+    from scipy import stats
+
+    a_levels = sorted({a for a, _ in cells})
+    b_levels = sorted({b for _, b in cells})
+    if len(a_levels) < 2 or len(b_levels) < 2 or any(len(cells.get((a, b), [])) < 1 for a in a_levels
+                                                      for b in b_levels):
+        return []
+    means = {k: sum(v) / len(v) for k, v in cells.items()}
+    df = sum(len(v) for v in cells.values()) - len(cells)
+    if df < 1:
+        return []
+    s2 = sum((x - means[k]) ** 2 for k, v in cells.items() for x in v) / df  # pooled within-cell variance
+    quantile = stats.t.ppf(0.5 + level / 2, df)
+
+    def contrast(name: str, weights: dict[tuple[str, str], float]) -> Effect:
+        estimate = sum(w * means[k] for k, w in weights.items())
+        se = math.sqrt(s2 * sum(w * w / len(cells[k]) for k, w in weights.items()))
+        p = float(2 * stats.t.sf(abs(estimate) / se, df)) if se > 0 else math.nan
+        return Effect(name, estimate, estimate - quantile * se, estimate + quantile * se, p, df)
+
+    out = []
+    for factor, levels, others, key in ((factors[0], a_levels, b_levels, lambda x, o: (x, o)),
+                                        (factors[1], b_levels, a_levels, lambda x, o: (o, x))):
+        for x in levels[1:]:
+            weights: dict = {}
+            for o in others:
+                weights[key(x, o)] = weights.get(key(x, o), 0.0) + 1 / len(others)
+                weights[key(levels[0], o)] = weights.get(key(levels[0], o), 0.0) - 1 / len(others)
+            out.append(contrast(f"{factor}: {x} vs {levels[0]}", weights))
+    for a in a_levels[1:]:
+        for b in b_levels[1:]:
+            out.append(contrast(f"{factors[0]} x {factors[1]}: ({a}, {b})", {
+                (a, b): 1.0, (a_levels[0], b): -1.0, (a, b_levels[0]): -1.0, (a_levels[0], b_levels[0]): 1.0}))
+    return out
