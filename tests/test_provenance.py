@@ -55,3 +55,15 @@ def test_the_report_states_the_record_once_and_names_trials_that_differ():
     assert "| numpy | `2.0` |" in same and "| torch | `2.5` |" in same and "Warning" not in same
     differ = "\n".join(reproducibility_section([trial("a", "2.5"), trial("b", "2.5"), trial("c", "2.6")]))
     assert "differ in 1 of these" in differ and "**torch**: `2.5` (2 trials: a, b); `2.6` (1 trial: c)" in differ
+
+
+def test_a_ray_worker_without_its_drivers_command_says_so(monkeypatch):
+    from diffcraft.train.provenance import command
+
+    monkeypatch.delenv(COMMAND_ENV, raising=False)
+    monkeypatch.setattr("sys.argv", ["/x/ray/_private/workers/default_worker.py", "--node-ip-address=1"])
+    assert command().startswith("unknown: a Ray worker")
+    monkeypatch.setattr("sys.argv", ["train.py", "--epochs", "2 3"])
+    assert command() == "train.py --epochs '2 3'"
+    monkeypatch.setenv(COMMAND_ENV, "diffcraft study run s.yaml")
+    assert command() == "diffcraft study run s.yaml"

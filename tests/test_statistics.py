@@ -311,3 +311,20 @@ def test_a_grid_of_two_dimensions_gets_the_factorial_section():
     section = text.split("## Factorial: main effects and interaction")[1].split("\n## ")[0]
     assert "| loss.kl.beta: 1 vs 0 |" in section and "| model.decoder.core: b vs a |" in section
     assert "| loss.kl.beta x model.decoder.core: (1, c) |" in section and "degrees of freedom" in section
+
+
+def test_learning_curves_are_each_epochs_mean_and_t_band_over_the_seeds_that_reached_it(tmp_path):
+    from scipy import stats
+
+    from diffcraft.study.curves import curve_bands, plot_curves
+
+    histories = {"gru": [{0: 3.0, 1: 2.0, 2: 1.5}, {0: 3.4, 1: 2.2, 2: 1.1}, {0: 2.9, 1: 2.5}],
+                 "mamba": [{0: 2.0, 1: 1.0}]}
+    bands = curve_bands(histories)
+    epoch1 = dict(bands["gru"])[1]
+    low, high = stats.t.interval(0.95, 2, loc=np.mean([2.0, 2.2, 2.5]), scale=stats.sem([2.0, 2.2, 2.5]))
+    assert (epoch1.mean, epoch1.low, epoch1.high, epoch1.n) == (pytest.approx(np.mean([2.0, 2.2, 2.5])),
+                                                                 pytest.approx(low), pytest.approx(high), 3)
+    assert dict(bands["gru"])[2].n == 2 and math.isnan(dict(bands["mamba"])[0].low)
+    path = plot_curves(bands, "val_mss_mean", tmp_path / "curves.png")
+    assert path.stat().st_size > 5000

@@ -84,7 +84,7 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
     assert "## Differences to model.decoder.core=" in report and "val_mss_mean" in report
     assert "## Reproducibility" in report and "| cache_manifest |" in report  # every trial recorded the same
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} == {
-        "report/s_report.md", "report/s_report.csv"}
+        "report/s_report.md", "report/s_report.csv", "report/s_learning_curves.png"}
     again = run_study(study, verbose=0)  # the same file again continues the finished study: nothing reruns
     assert not again.interrupted and again.counts == {"FINISHED": 2}
     assert len(child_runs(study)[2]) == 2

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from diffcraft.errors import StudyConfigError
 from diffcraft.models.encoders import LATENT_HEADS
 from diffcraft.study.config import StudyConfig
+from diffcraft.study.curves import learning_curves
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.search import optuna_storage
 from diffcraft.study.space import SEED
@@ -257,8 +258,8 @@ def reproducibility_section(records: list[TrialRecord]) -> list[str]:
             md.append(f"| {key.removeprefix(RECORD)} | `{next(iter(values))}` |")
         else:
             differ.append(f"- **{key.removeprefix(RECORD)}**: " + "; ".join(
-                f"`{value}` ({len(who)} trial{'s' * (len(who) > 1)}: {', '.join(sorted(who)[:4])}{' ...' if len(who) > 4 else ''})"
-                for value, who in sorted(values.items())))
+                f"`{value}` ({len(who)} trial{'s' * (len(who) > 1)}: {', '.join(sorted(who)[:4])}"
+                f"{' ...' if len(who) > 4 else ''})" for value, who in sorted(values.items())))
     if differ:
         md += ["", f"**Warning: the trials differ in {len(differ)} of these:**", "", *differ]
     return md
@@ -364,8 +365,8 @@ def describe_study_run(study: StudyConfig, records: list[TrialRecord] | None = N
 
 
 def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
-    """The report (`report_rows`) as markdown and CSV, logged to the study's parent run and set as
-    its description."""
+    """The report (`report_rows`) as markdown and CSV, with the learning curves' figure, logged to
+    the study's parent run and set as its description."""
     record = StudyRecord.started(study)
     records = [r for r in trial_records(study) if r.best]
     out_dir = Path(out_dir) if out_dir else _report_dir(study)
@@ -378,13 +379,15 @@ def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    md_path = out_dir / f"{study.name}_report.md"
-    md_path.write_text(report_markdown(study, records, comparison=comparison))
     client = record.client()
-    for path in (md_path, csv_path):
+    curves = learning_curves(client, comparison.groups, study.objective.metric,
+                             out_dir / f"{study.name}_learning_curves.png")
+    md_path = out_dir / f"{study.name}_report.md"
+    md_path.write_text(report_markdown(study, records, comparison=comparison) + (
+        f"\n## Learning curves\n\n{study.objective.metric} per epoch, mean over seeds with its {LEVEL:.0%} t band: "
+        f"![learning curves]({curves.name})\n" if curves else ""))
+    for path in (md_path, csv_path, *_optuna_figures(study, out_dir), *([curves] if curves else [])):
         client.log_artifact(record.parent_run_id, str(path), "report")
-    for figure in _optuna_figures(study, out_dir):
-        client.log_artifact(record.parent_run_id, str(figure), "report")
     describe_study_run(study, records, comparison)
     return md_path
 

@@ -56,9 +56,16 @@ def manifest_hash(cache: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest() if text is not None else "none"
 
 
+RAY_WORKER = "default_worker.py"  # the script of a Ray worker process: its own command says nothing
+
+
 def command() -> str:
-    """The command that started the run: the CLI's (passed on to Ray's workers), else this process's."""
-    return (os.environ.get(COMMAND_ENV) or shlex.join(sys.argv))[:5000]  # MLflow's longest tag
+    """The command that started the run: the driver's (COMMAND_ENV, which the CLI and a study's
+    driver set and Ray's workers inherit or are passed), else this process's own."""
+    given = os.environ.get(COMMAND_ENV)
+    if not given and sys.argv and Path(sys.argv[0]).name == RAY_WORKER:
+        return "unknown: a Ray worker whose driver did not pass its command (a Ray started before the driver)"
+    return (given or shlex.join(sys.argv))[:5000]  # MLflow's longest tag
 
 
 def reproducibility(cache: str, device) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """What a run config's stage reports each epoch, which config fields it reads, and which sizes a
 training clip can hold: declared next to the loop that produces them (the names themselves are
-`train.names`), so a study can be checked before anything trains. `tests/test_review.py` trains one epoch of every stage and compares the
-keys it reports with `epoch_metric_names`, so the declaration cannot drift from the loop.
+`train.names`), so a study can be checked before anything trains. `tests/test_review.py` trains
+one epoch of every stage and compares the keys it reports with `epoch_metric_names`, so the
+declaration cannot drift from the loop.
 """
 from __future__ import annotations
 
