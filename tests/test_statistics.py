@@ -328,3 +328,12 @@ def test_learning_curves_are_each_epochs_mean_and_t_band_over_the_seeds_that_rea
     assert dict(bands["gru"])[2].n == 2 and math.isnan(dict(bands["mamba"])[0].low)
     path = plot_curves(bands, "val_mss_mean", tmp_path / "curves.png")
     assert path.stat().st_size > 5000
+
+
+def test_scores_without_spread_give_no_difference_rather_than_an_error():
+    from diffcraft.study.stats import difference
+
+    scores = [ClipScore(config, f"{config}{seed}", f"song/f#{clip}", 1.0) for config in "ab" for seed in range(3)
+              for clip in range(4)]
+    d = difference(scores, "a", "b", {"a": [1.0] * 3, "b": [1.0] * 3})
+    assert math.isnan(d.p) and math.isnan(d.effect)

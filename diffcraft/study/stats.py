@@ -102,8 +102,11 @@ def fit_difference(scores: list[ClipScore], config: str, baseline: str) -> tuple
     components = {name: f"0 + C({name})" for name in ("trial", "song", "clip") if frame[name].nunique() > 1}
     with warnings.catch_warnings():  # a variance at its boundary (0) is an answer, not a failure
         warnings.simplefilter("ignore")
-        fit = smf.mixedlm("y ~ x", frame, groups=np.ones(len(frame)), re_formula="0",
-                          vc_formula=components).fit(reml=True)
+        try:
+            fit = smf.mixedlm("y ~ x", frame, groups=np.ones(len(frame)), re_formula="0",
+                              vc_formula=components).fit(reml=True)
+        except (np.linalg.LinAlgError, ValueError):  # e.g. scores without any spread: nothing to estimate
+            return math.nan, math.nan, df, MIXED
     return float(fit.params["x"]), float(fit.bse["x"]), df, MIXED
 
 
