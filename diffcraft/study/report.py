@@ -20,7 +20,7 @@ from diffcraft.study.curves import learning_curves
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.search import optuna_storage
 from diffcraft.study.space import SEED
-from diffcraft.study.stats import (LEVEL, METHODS, ClipScore, Difference, SeedInterval, compare_to, factorial_effects,
+from diffcraft.study.stats import (LEVEL, METHODS, ClipScore, SeedInterval, compare_to, factorial_effects,
                                    seed_interval)
 from diffcraft.study.status import COST, TrialRecord, best_record, trial_records
 from diffcraft.study.tracking import NOTE
@@ -176,14 +176,15 @@ def _p(value: float) -> str:
 
 
 def _difference_cells(row: dict, m: str) -> list[str]:
-    if f"{m}_diff" not in row or math.isnan(row[f"{m}_diff"]):
+    """difference [interval], p, p (Holm), effect, TOST: the `{m}_...` fields `report_rows` put."""
+    if math.isnan(row.get(f"{m}_diff", math.nan)):
         return ["-"] * 5
-    d = Difference(*(row[f"{m}_{k}"] for k in ("diff", "diff_se", "diff_df", "diff_low", "diff_high", "p",
-                                                "effect", "margin", "tost_p", "method", "p_holm", "tost_p_holm")))
-    tost = "-" if math.isnan(d.margin) else (f"{_p(d.tost_p_holm)} (± {d.margin:g})"
-                                             + (", equivalent" if d.equivalent else ""))
-    return [f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]", _p(d.p), _p(d.p_holm),
-            "-" if math.isnan(d.effect) else f"{d.effect:+.2f}", tost]
+    margin, tost = row[f"{m}_margin"], row[f"{m}_tost_p_holm"]
+    equivalence = "-" if math.isnan(margin) else (f"{_p(tost)} (± {margin:g})"
+                                                  + (", equivalent" if tost < 1 - LEVEL else ""))
+    effect = row[f"{m}_effect"]
+    return [f"{row[f'{m}_diff']:+.4f} [{row[f'{m}_diff_low']:+.4f}, {row[f'{m}_diff_high']:+.4f}]",
+            _p(row[f"{m}_p"]), _p(row[f"{m}_p_holm"]), "-" if math.isnan(effect) else f"{effect:+.2f}", equivalence]
 
 
 def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool = True,

@@ -76,10 +76,6 @@ class Difference:
     p_holm: float = math.nan  # Holm-corrected over the comparisons of the same metric
     tost_p_holm: float = math.nan
 
-    @property
-    def equivalent(self) -> bool:
-        return self.tost_p_holm < 1 - LEVEL
-
 
 def fit_difference(scores: list[ClipScore], config: str, baseline: str) -> tuple[float, float, int, str]:
     """`config` minus `baseline`: (estimate, standard error, degrees of freedom, method). From a
