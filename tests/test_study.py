@@ -347,6 +347,8 @@ def test_study_run_exits_non_zero_when_a_trial_failed(synth_cache, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "1 trial(s) failed" in done.stderr and "2 trials (1 failed, 1 finished)" in done.stdout
+    finished = [r for r in child_runs(load_study(path))[2] if r.info.status == "FINISHED"]
+    assert finished[0].data.tags["repro.command"] == f"diffcraft study run {path}"  # the driver's, in the worker
 
 
 @pytest.mark.slow
