@@ -12,7 +12,8 @@ from diffcraft.errors import ConfigError
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
                  "GOOGLE_APPLICATION_CREDENTIALS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "PGPASSWORD")
+                 "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "PGPASSWORD",
+                 "DIFFCRAFT_COMMAND")  # not a credential: the command every trial records (`train.provenance`)
 
 
 def forwarded_env(**extra: str) -> dict[str, str]:

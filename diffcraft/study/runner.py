@@ -27,6 +27,7 @@ from diffcraft.study.report import describe_study_run
 from diffcraft.study.search import fail_orphan_suggestions, scheduler, search_algorithm
 from diffcraft.study.tracking import mark_model_training, require_server_for_cluster, trial_runs
 from diffcraft.study.trial import TRIAL_DRIVER_MEMORY, trial_main
+from diffcraft.train.provenance import COMMAND_ENV, command
 
 
 @dataclass
@@ -140,6 +141,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
     """Run `study` on Ray Tune, or continue it where it stands (`resume`, or the same study file
     run again). Returns the outcome; the CLI exits non-zero when a trial failed."""
     refuse_before_starting(study, address, resume)
+    os.environ.setdefault(COMMAND_ENV, command())  # what every trial records as its command (`train.provenance`)
     lease = acquire_lease(study.location, take_over)
     try:
         record = StudyRecord.open(study)
