@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from diffcraft.errors import DiffcraftError
+from diffcraft.train.provenance import COMMAND_ENV
 
 
 def _cmd_synth(args) -> None:
@@ -99,7 +101,9 @@ def _cmd_study_status(args) -> None:
 def _cmd_study_report(args) -> None:
     from diffcraft.study.report import write_report
 
-    path = write_report(_stored_study(args))
+    study = _stored_study(args)
+    study.report.factorial = study.report.factorial or args.factorial
+    path = write_report(study)
     print(path.read_text())
     print(f"report written to {path.parent} and logged to the study's MLflow parent run")
 
@@ -296,6 +300,9 @@ def _add_study(sub, ray_address: str | None) -> None:
             cmd.add_argument("--take-over", action="store_true", help="take the study from a driver whose lease is stale")
             cmd.add_argument("--retry-failed", action="store_true",
                              help="run the trials that failed (after their max_retries) again")
+        if name == "report":
+            cmd.add_argument("--factorial", action="store_true",
+                             help="main effects and interaction of two searched dimensions (automatic for a grid)")
         cmd.set_defaults(func=func)
     schema = study.add_parser("schema", help="the JSON Schema of study (or run) files, for editors")
     schema.add_argument("--kind", default="study", choices=["study", "run"])
@@ -391,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ[COMMAND_ENV] = shlex.join(["diffcraft", *(sys.argv[1:] if argv is None else argv)])  # runs record it
     try:
         args.func(args)
     except DiffcraftError as err:

@@ -11,10 +11,13 @@ from diffcraft.train.session import LocalSession
 from tests.conftest import tiny_run_config
 
 
-def test_two_epochs_after_a_resume_match_the_same_epochs_without_it(synth_cache, tmp_path):
+@pytest.mark.parametrize("crops", [False, True])
+def test_two_epochs_after_a_resume_match_the_same_epochs_without_it(synth_cache, tmp_path, crops):
     straight = tiny_run_config(synth_cache, tmp_path / "straight", epochs=3)
+    straight.data.random_crops = crops
     train(straight, progress=False)
     interrupted = tiny_run_config(synth_cache, tmp_path / "resumed", epochs=1)
+    interrupted.data.random_crops = crops
     train(interrupted, progress=False)
     interrupted.train.epochs = 3
     train(interrupted, progress=False)  # resumes after epoch 0 from last.pt

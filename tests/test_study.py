@@ -1,5 +1,6 @@
 """The study engine on a real local Ray (2 CPUs) and a real MLflow SQLite store."""
 import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -54,7 +55,8 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
     assert {r.data.params["model.decoder.core"] for r in children} == {"gru", "mamba"}
     for run in children:
         assert run.info.status == "FINISHED"
-        for tag in ("study", "trial_id", "seed", "config_hash", "code_version"):
+        for tag in ("study", "trial_id", "seed", "config_hash", "code_version", "repro.torch", "repro.cache_manifest",
+                    "repro.command"):
             assert run.data.tags[tag]
         # the Mamba scan that ran: numba's kernels on a CPU worker, none for a GRU
         assert run.data.tags["scan"] == ("fused" if run.data.params["model.decoder.core"] == "mamba" else "none")
@@ -80,9 +82,10 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
     assert "2 trials (2 finished)" in lines[0] and lines[-1].startswith("best so far")
     report = write_report(study).read_text()
     assert "model.decoder.core=gru" in report and "Numbers from the test split" in report
-    assert "## Paired differences to the best configuration" in report and "val_mss_mean" in report
+    assert "## Differences to model.decoder.core=" in report and "val_mss_mean" in report
+    assert "## Reproducibility" in report and "| cache_manifest |" in report  # every trial recorded the same
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")} == {
-        "report/s_report.md", "report/s_report.csv"}
+        "report/s_report.md", "report/s_report.csv", "report/s_learning_curves.png"}
     again = run_study(study, verbose=0)  # the same file again continues the finished study: nothing reruns
     assert not again.interrupted and again.counts == {"FINISHED": 2}
     assert len(child_runs(study)[2]) == 2
@@ -293,12 +296,22 @@ def test_study_logs_to_a_real_mlflow_tracking_server(ray_local, synth_cache, tmp
         server.wait(timeout=30)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "decoder_ablation", "kl_collapse", "encoder_ablation", "lr_search"])
-def test_shipped_studies_validate(name):
-    from pathlib import Path
+SHIPPED = sorted(p.stem for p in (Path(__file__).parent.parent / "studies").glob("*.yaml"))
+DEMOS = {"quickstart"}  # a first look, not a comparison: one seed
 
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_studies_validate(name):
     study = load_study(Path(__file__).parent.parent / "studies" / f"{name}.yaml")
     assert study.name == name and study.search.space
+
+
+@pytest.mark.parametrize("name", sorted(set(SHIPPED) - DEMOS))
+def test_shipped_comparisons_repeat_every_configuration_over_five_seeds_or_more(name):
+    """The seed is the unit of the report's statistics: fewer than five leave intervals too wide to
+    read (three seeds: 2 degrees of freedom, ± 4.3 SE). An Optuna search repeats no configuration."""
+    study = load_study(Path(__file__).parent.parent / "studies" / f"{name}.yaml")
+    assert study.search.algorithm == "optuna" or study.search.seeds >= 5
 
 
 @pytest.mark.slow
@@ -343,6 +356,8 @@ def test_study_run_exits_non_zero_when_a_trial_failed(synth_cache, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "1 trial(s) failed" in done.stderr and "2 trials (1 failed, 1 finished)" in done.stdout
+    finished = [r for r in child_runs(load_study(path))[2] if r.info.status == "FINISHED"]
+    assert finished[0].data.tags["repro.command"] == f"diffcraft study run {path}"  # the driver's, in the worker
 
 
 @pytest.mark.slow

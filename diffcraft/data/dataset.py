@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffcraft import CLIP_FRAMES, HOP_LENGTH
 from diffcraft.data.cache import ARRAYS, local_cache, require_manifest
 from diffcraft.data.splits import SPLITS
 from diffcraft.errors import DataError
@@ -48,6 +49,20 @@ class ClipDataset(Dataset):
         name, clip = self.index[i]
         arrays = self._open(name)
         return {k: torch.from_numpy(np.array(arrays[k][clip])) for k in ARRAYS}
+
+    def window(self, i: int, offset: int) -> dict[str, torch.Tensor]:
+        """Clip i moved `offset` frames later in its file (0 <= offset < CLIP_FRAMES), into the next
+        clip: a clip's shapes, a stretch of the same recording. A file's last clip stays as it is."""
+        name, clip = self.index[i]
+        arrays = self._open(name)
+        start = min(clip * CLIP_FRAMES + offset, (arrays["audio"].shape[0] - 1) * CLIP_FRAMES)
+        first, shift = divmod(start, CLIP_FRAMES)
+        out = {}
+        for key in ARRAYS:
+            per_frame = HOP_LENGTH if key == "audio" else 1
+            both = np.asarray(arrays[key][first: first + 2]).reshape(-1)
+            out[key] = torch.from_numpy(np.array(both[shift * per_frame: (shift + CLIP_FRAMES) * per_frame]))
+        return out
 
     def __getstate__(self):
         return {**self.__dict__, "_arrays": {}}

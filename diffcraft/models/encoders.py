@@ -117,6 +117,9 @@ class LoudnessDecoder(nn.Module):
         return unscale_loudness(self.net(z)[..., 0])
 
 
+LATENT_HEADS = {"dual": ("shared",), "separate": ("f0", "loudness")}  # the latent heads of each encoding
+
+
 class AudioEncoder(nn.Module):
     """audio [batch, samples] -> {'f0_logits', 'f0_hz', 'loudness_db', 'latents': {name: head output}}."""
 
@@ -126,12 +129,12 @@ class AudioEncoder(nn.Module):
         if cfg.encoding == "dual":
             self.branches = nn.ModuleDict({"waveform": FeatureEncoder("waveform", cfg),
                                            "stft": FeatureEncoder("stft", cfg)})
-            self.heads = nn.ModuleDict({"shared": LatentHead(2 * cfg.width, cfg.latent_size, cfg.latent)})
         else:
             self.branches = nn.ModuleDict({"pccc": FeatureEncoder("pccc", cfg),
                                            "waveform": FeatureEncoder("waveform", cfg)})
-            self.heads = nn.ModuleDict({"f0": LatentHead(cfg.width, cfg.latent_size, cfg.latent),
-                                        "loudness": LatentHead(cfg.width, cfg.latent_size, cfg.latent)})
+        head_in = 2 * cfg.width if cfg.encoding == "dual" else cfg.width  # dual: both branches feed one head
+        self.heads = nn.ModuleDict({name: LatentHead(head_in, cfg.latent_size, cfg.latent)
+                                    for name in LATENT_HEADS[cfg.encoding]})
         self.f0_decoder = F0Decoder(cfg.latent_size, cfg.head_width)
         self.loudness_decoder = LoudnessDecoder(cfg.latent_size, cfg.head_width)
 

@@ -12,6 +12,7 @@ resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
 concurrency: 2
 mlflow: {tracking_uri: "", experiment: ""}   # "" = sqlite file mlflow.db here / the study name
 optuna: {storage: ""}                 # "" = optuna.db in a local storage folder; or an RDB URL
+report: {baseline: "", equivalence: {mss_mean: 0.05}}  # compare to the best (or this one); TOST margins
 storage: studies                      # a folder, a shared mount, or s3://bucket/prefix, gs://...
 ```
 On a cluster, `storage` and `run.data.cache` must be reachable from every node (an object store
@@ -19,6 +20,7 @@ or a shared mount) and `mlflow.tracking_uri` a tracking server.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,7 +30,7 @@ from diffcraft.errors import ConfigError, StorageError, StudyConfigError
 from diffcraft.storage import Location, check_location_shape
 from diffcraft.study.space import SEED, SearchConfig
 from diffcraft.train.config import RunConfig
-from diffcraft.train.names import VAL_ACTIVE_UNITS
+from diffcraft.train.names import VAL_ACTIVE_UNITS, headline_names
 from diffcraft.train.selection import Objective
 from diffcraft.train.stages import clip_fit_problems, ignores, scalar_metric_names
 from diffcraft.typed_yaml import to_plain
@@ -73,6 +75,13 @@ class OptunaConfig:
 
 
 @dataclass
+class ReportConfig:
+    baseline: str = ""  # what the others are compared to ("model.decoder.core=gru"); "" = the best by the objective
+    equivalence: dict[str, float] = field(default_factory=dict)  # metric -> TOST margin of "no difference"
+    factorial: bool = False  # main effects and interaction of two searched dimensions (automatic for a grid)
+
+
+@dataclass
 class StudyConfig:
     name: str
     description: str = ""
@@ -86,6 +95,7 @@ class StudyConfig:
     collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     optuna: OptunaConfig = field(default_factory=OptunaConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     storage: str = "studies"  # the study lives in storage/name: a folder, a shared mount, s3://, gs://
 
     def validate(self, where: str = "") -> None:
@@ -94,6 +104,7 @@ class StudyConfig:
         self._check_locations()
         self._check_search()
         self._check_running()
+        self._check_report()
         self.check_trials()
 
     def _check_locations(self) -> None:
@@ -145,6 +156,21 @@ class StudyConfig:
         if g.min_active_units < 0 or g.patience < 1:
             raise StudyConfigError(f"collapse_guard: min_active_units >= 0, patience >= 1 "
                                    f"(got {g.min_active_units}, {g.patience})")
+
+    def _check_report(self) -> None:
+        known = headline_names()
+        for metric, margin in self.report.equivalence.items():
+            if metric not in known:
+                raise StudyConfigError(f"report.equivalence.{metric}: not a metric the report compares; "
+                                       f"one of {', '.join(known)}")
+            if not (margin > 0 and math.isfinite(margin)):
+                raise StudyConfigError(f"report.equivalence.{metric}: the margin must be a positive number "
+                                       f"(got {margin})")
+        for part in filter(None, (p.strip() for p in self.report.baseline.split(","))):
+            key = part.split("=", 1)[0]
+            if "=" not in part or key not in self.search.space:
+                raise StudyConfigError(f"report.baseline: {part!r} is not key=value of a searched dimension "
+                                       f"({', '.join(self.search.space) or 'none is searched'})")
 
     def check_trials(self) -> None:
         """What every trial will be, checked before any starts: the objective and the collapse

@@ -1,6 +1,7 @@
 """Study reports, read from MLflow (the record of every trial): configurations side by side on the
-test split, with the seed as the experimental unit, pooled per-clip figures beside them, paired
-differences to the best configuration, latent diagnostics, and Optuna's plots."""
+test split with the seed as the experimental unit (mean over seeds, t interval, seed SD), each
+compared to a baseline by a mixed model with Holm-corrected p-values, effect sizes and equivalence
+tests (`study.stats`), per-song results, latent diagnostics, and Optuna's plots."""
 from __future__ import annotations
 
 import csv
@@ -12,17 +13,27 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from diffcraft.errors import StudyConfigError
+from diffcraft.models.encoders import LATENT_HEADS
 from diffcraft.study.config import StudyConfig
+from diffcraft.study.curves import learning_curves
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.search import optuna_storage
+from diffcraft.study.space import SEED
+from diffcraft.study.stats import (LEVEL, METHODS, ClipScore, SeedInterval, compare_to, factorial_effects,
+                                   seed_interval)
 from diffcraft.study.status import COST, TrialRecord, best_record, trial_records
 from diffcraft.study.tracking import NOTE
-from diffcraft.train.names import (ACTIVE_UNITS, F0_LOSS, KL, LOUDNESS_LOSS, LOUDNESS_MAE_DB, MEAN_SIGMA, MSS,
-                                   N_PARAMETERS, RCA, RPA, SECONDS_PER_EPOCH, SHUFFLE_GAP, TEST, VAL, VAL_ACTIVE_UNITS,
-                                   VAL_LATENT_DIMS, mean_name, score_of)
+from diffcraft.train.names import (ACTIVE_UNITS, HEAD_DIAGNOSTICS, KL, MEAN_SIGMA, N_PARAMETERS, SECONDS_PER_EPOCH,
+                                   SHUFFLE_GAP, TEST, VAL, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS, headline_names, per_head,
+                                   score_of)
+from diffcraft.train.provenance import RECORD
 
-HEADLINE = tuple(mean_name(s) for s in (MSS, F0_LOSS, RPA, RCA, LOUDNESS_LOSS, LOUDNESS_MAE_DB, KL))  # per clip
-LATENT = tuple(VAL + k for k in (ACTIVE_UNITS, KL, MEAN_SIGMA, SHUFFLE_GAP))  # collapse diagnostics
+HEADLINE = headline_names()  # per clip
+HEADS = sorted({head for heads in LATENT_HEADS.values() for head in heads})
+LATENT = (tuple(VAL + k for k in (ACTIVE_UNITS, KL, MEAN_SIGMA, SHUFFLE_GAP))  # collapse diagnostics, then per head
+          + tuple(VAL + per_head(k, head) for k in HEAD_DIAGNOSTICS for head in HEADS))
+WHOLE_TRIAL = "(trial mean)"  # the clip name of a trial's mean when it logged no per-clip scores
 
 
 def clip_table(client: MlflowClient, record: TrialRecord, split: str) -> dict[str, dict[str, float]]:
@@ -56,26 +67,33 @@ class Comparison:
         return [m for m in HEADLINE if any(self.seed_means(group, m) for group in self.groups)]
 
     def seed_means(self, group: str, metric: str, prefix: str | None = None) -> list[float]:
+        """Each trial's mean over the split's clips: one value per seed."""
         prefix = prefix or self.prefix
         source = (lambda r: r.final) if prefix == TEST else (lambda r: r.best)
         return [source(r)[prefix + metric] for r in self.groups[group] if prefix + metric in source(r)]
 
-    def clip_means(self, group: str, metric: str) -> dict[str, float]:
-        """Each clip's score averaged over the configuration's seeds."""
-        per_clip: dict[str, list[float]] = {}
-        for r in self.groups[group]:
-            for clip, value in self.tables.get(r.run_id, {}).get(score_of(metric), {}).items():
-                if math.isfinite(value):
-                    per_clip.setdefault(clip, []).append(value)
-        return {clip: sum(v) / len(v) for clip, v in per_clip.items()}
+    def clip_scores(self, metric: str) -> list[ClipScore]:
+        """Every trial's per-clip scores on the split (a trial without them: its mean, as one score)."""
+        out = []
+        for group, members in self.groups.items():
+            for r in members:
+                clips = self.tables.get(r.run_id, {}).get(score_of(metric), {})
+                if clips:
+                    out += [ClipScore(group, r.run_id, clip, v) for clip, v in clips.items() if math.isfinite(v)]
+                else:
+                    source = r.final if self.prefix == TEST else r.best
+                    if self.prefix + metric in source:
+                        out.append(ClipScore(group, r.run_id, WHOLE_TRIAL, source[self.prefix + metric]))
+        return out
 
-    def pooled(self, group: str, metric: str) -> tuple[float, float, float, int]:
-        """Mean ± SE (SD) over every (seed, clip) score, as if they were independent clips."""
-        from diffcraft.train.metrics import mean_se_sd
-
-        values = [v for r in self.groups[group] for v in self.tables.get(r.run_id, {}).get(score_of(metric), {}).values()
-                  if math.isfinite(v)]
-        return (*mean_se_sd(values), len(values))
+    def song_intervals(self, group: str, metric: str) -> dict[str, SeedInterval]:
+        """Per song: each trial's mean over the song's clips, summarised over seeds."""
+        per_song: dict[str, dict[str, list[float]]] = {}
+        for s in self.clip_scores(metric):
+            if s.config == group and s.clip != WHOLE_TRIAL:
+                per_song.setdefault(s.song, {}).setdefault(s.trial, []).append(s.value)
+        return {song: seed_interval([sum(v) / len(v) for v in trials.values()])
+                for song, trials in sorted(per_song.items())}
 
 
 def compare(study: StudyConfig, records: list[TrialRecord]) -> Comparison:
@@ -88,12 +106,28 @@ def compare(study: StudyConfig, records: list[TrialRecord]) -> Comparison:
     return Comparison(split, groups, {r.run_id: clip_table(client, r, split) for r in records})
 
 
-def report_rows(study: StudyConfig, comparison: Comparison) -> list[dict]:
-    """One row per configuration, best first by the objective: cost, the headline metrics over
-    seeds (mean of seed means ± SE over seeds) and pooled over clips, validation beside, and the
-    paired difference to the best configuration on the same clips."""
-    from diffcraft.train.metrics import mean_of_means, paired_difference
+def baseline_of(study: StudyConfig, ranked: list[str]) -> str:
+    """The configuration the others are compared to: `report.baseline`, else the best (first)."""
+    wanted = study.report.baseline.strip()
+    if not wanted:
+        return ranked[0]
+    parts = sorted(p.strip() for p in wanted.split(","))
+    for name in ranked:
+        if sorted(p.strip() for p in name.split(",")) == parts:
+            return name
+    raise StudyConfigError(f"report.baseline: {wanted!r} is not a configuration of study {study.name} "
+                           f"({'; '.join(ranked)})")
 
+
+def _put(row: dict, key: str, interval: SeedInterval) -> None:
+    row[key], row[f"{key}_low"], row[f"{key}_high"], row[f"{key}_seed_sd"] = (
+        interval.mean, interval.low, interval.high, interval.sd)
+
+
+def report_rows(study: StudyConfig, comparison: Comparison) -> list[dict]:
+    """One row per configuration, best first by the objective: cost, each headline metric's mean
+    over seeds with its t interval and seed SD (validation beside), and its difference to the
+    baseline (`stats.Difference` fields as `{metric}_diff...`)."""
     c, rows = comparison, []
     for group, members in c.groups.items():
         row: dict = {"configuration": group, "seeds": len(members)}
@@ -101,27 +135,56 @@ def report_rows(study: StudyConfig, comparison: Comparison) -> list[dict]:
             values = [r.final[key] for r in members if key in r.final]
             row[key] = sum(values) / len(values) if values else math.nan
         for m in c.metrics:
-            row[m], row[f"{m}_se_seeds"], _ = mean_of_means(c.seed_means(group, m))
-            row[f"{m}_pooled"], row[f"{m}_pooled_se"], row[f"{m}_pooled_sd"], row[f"{m}_pooled_n"] = c.pooled(group, m)
-            row[f"val_{m}"], row[f"val_{m}_se_seeds"], _ = mean_of_means(c.seed_means(group, m, VAL))
+            _put(row, m, seed_interval(c.seed_means(group, m)))
+            _put(row, f"val_{m}", seed_interval(c.seed_means(group, m, VAL)))
         objective = [r.best[study.objective.metric] for r in members if study.objective.metric in r.best]
         row["objective"] = sum(objective) / len(objective) if objective else math.nan
         rows.append(row)
     rows.sort(key=lambda row: (math.isnan(row["objective"]), study.objective.rank(row["objective"])))
-    if rows:
-        best = rows[0]["configuration"]
+    if len(rows) > 1:
+        baseline = baseline_of(study, [row["configuration"] for row in rows])
+        for m in c.metrics:
+            means = {group: c.seed_means(group, m) for group in c.groups}
+            margin = study.report.equivalence.get(m, math.nan)
+            for group, d in compare_to(baseline, c.clip_scores(m), means, margin).items():
+                row = next(r for r in rows if r["configuration"] == group)
+                row.update({f"{m}_diff": d.estimate, f"{m}_diff_low": d.low, f"{m}_diff_high": d.high,
+                            f"{m}_diff_se": d.se, f"{m}_diff_df": d.df, f"{m}_p": d.p, f"{m}_p_holm": d.p_holm,
+                            f"{m}_effect": d.effect, f"{m}_margin": d.margin, f"{m}_tost_p": d.tost_p,
+                            f"{m}_tost_p_holm": d.tost_p_holm, f"{m}_method": d.method})
         for row in rows:
-            for m in c.metrics:
-                diff, se, n = paired_difference(c.clip_means(row["configuration"], m), c.clip_means(best, m))
-                row.update({f"{m}_diff": diff, f"{m}_diff_se": se, f"{m}_diff_n": n})
+            row["baseline"] = baseline
     return rows
 
 
-def _cell(mean: float, se: float, sd: float | None = None) -> str:
-    if math.isnan(mean):
+def _num(value: float, digits: int = 4) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _interval_cell(row: dict, key: str) -> str:
+    """'mean [low, high] (sd)' of a SeedInterval put by `_put`; '-' when absent."""
+    if key not in row or math.isnan(row[key]):
         return "-"
-    text = f"{mean:.4f}" + (f" ± {se:.4f}" if not math.isnan(se) else "")
-    return text + (f" ({sd:.4f})" if sd is not None and not math.isnan(sd) else "")
+    text = _num(row[key])
+    if not math.isnan(row[f"{key}_low"]):
+        text += f" [{_num(row[f'{key}_low'])}, {_num(row[f'{key}_high'])}] ({_num(row[f'{key}_seed_sd'])})"
+    return text
+
+
+def _p(value: float) -> str:
+    return "-" if math.isnan(value) else ("< 0.001" if value < 0.001 else f"{value:.3f}")
+
+
+def _difference_cells(row: dict, m: str) -> list[str]:
+    """difference [interval], p, p (Holm), effect, TOST: the `{m}_...` fields `report_rows` put."""
+    if math.isnan(row.get(f"{m}_diff", math.nan)):
+        return ["-"] * 5
+    margin, tost = row[f"{m}_margin"], row[f"{m}_tost_p_holm"]
+    equivalence = "-" if math.isnan(margin) else (f"{_p(tost)} (± {margin:g})"
+                                                  + (", equivalent" if tost < 1 - LEVEL else ""))
+    effect = row[f"{m}_effect"]
+    return [f"{row[f'{m}_diff']:+.4f} [{row[f'{m}_diff_low']:+.4f}, {row[f'{m}_diff_high']:+.4f}]",
+            _p(row[f"{m}_p"]), _p(row[f"{m}_p_holm"]), "-" if math.isnan(effect) else f"{effect:+.2f}", equivalence]
 
 
 def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool = True,
@@ -130,6 +193,7 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
     caller has it: it downloads every trial's clip scores); see `report_rows`."""
     c = comparison or compare(study, records)
     rows = report_rows(study, c)
+    level = f"{LEVEL:.0%}"
     split_note = ("the test split, at the epoch each trial chose on the validation split" if c.split == "test" else
                   "the validation split, which also chose each trial's best epoch: optimistic (the cache has no "
                   "test split; prepare it with --test-fraction or --split-file)")
@@ -137,52 +201,153 @@ def report_markdown(study: StudyConfig, records: list[TrialRecord], title: bool 
     md = ([f"# Study {study.name}", ""] if title else []) + [
         f"Objective: {study.objective.metric} ({study.objective.mode}); {len(records)} trials with results. "
         f"Numbers from {split_note}.", "", "## Configurations", "",
-        "Mean over seeds of each trial's mean over clips ± standard error over seeds (none with one seed); "
-        "parameters and training seconds per epoch.", ""]
+        f"The seed is the unit: each trial's mean over the clips, then the mean over seeds [{level} t interval, "
+        "n seeds - 1 degrees of freedom] (standard deviation between seeds); none with one seed. Parameters and "
+        "training seconds per epoch.", ""]
     md += head(["seeds", "parameters", "s/epoch", *(c.prefix + m for m in c.metrics)])
     for row in rows:
         cost = [f"{row[N_PARAMETERS]:,.0f}" if not math.isnan(row[N_PARAMETERS]) else "-",
                 f"{row[SECONDS_PER_EPOCH]:.1f}" if not math.isnan(row[SECONDS_PER_EPOCH]) else "-"]
         md.append(f"| {row['configuration']} | {row['seeds']} | " + " | ".join(
-            cost + [_cell(row[m], row[f"{m}_se_seeds"]) for m in c.metrics]) + " |")
-    md += ["", "## Pooled over clips and seeds", "",
-           "Mean ± standard error (standard deviation) over every (seed, clip) score, n scores: the paper's form, "
-           "which treats seeds x clips as independent clips.", ""]
-    md += head([c.prefix + m for m in c.metrics])
-    for row in rows:
-        md.append(f"| {row['configuration']} | " + " | ".join(
-            _cell(row[f"{m}_pooled"], row[f"{m}_pooled_se"], row[f"{m}_pooled_sd"]) + f", n {row[f'{m}_pooled_n']}"
-            for m in c.metrics) + " |")
+            cost + [_interval_cell(row, m) for m in c.metrics]) + " |")
+    if len(rows) > 1:
+        md += _difference_section(study, c, rows)
+    if study.report.factorial or (study.search.algorithm == "grid" and len(study.search.searched() - {SEED}) >= 2):
+        md += _factorial_section(c)
+    md += _song_section(c, rows)
     if c.split == "test":
         md += ["", "## Validation (the split that chose each trial's epoch)", ""]
         md += head([f"val_{m}" for m in c.metrics])
         for row in rows:
-            md.append(f"| {row['configuration']} | " + " | ".join(
-                _cell(row[f"val_{m}"], row[f"val_{m}_se_seeds"]) for m in c.metrics) + " |")
+            md.append(f"| {row['configuration']} | " + " | ".join(_interval_cell(row, f"val_{m}")
+                                                                 for m in c.metrics) + " |")
+    md += reproducibility_section(records)
     present = [k for k in LATENT if any(k in r.best for r in records)]
     if present:
-        from diffcraft.train.metrics import mean_of_means
-
         md += ["", "## Latent diagnostics (validation, at the selected epoch)", "",
-               "Mean over seeds ± standard error over seeds: active units (of the latent dimensions), KL in nats "
-               "per frame, mean posterior sigma, and the z-shuffle gap (near 0: the decoders ignore z).", ""]
+               f"Mean over seeds [{level} t interval] (seed SD): active units (of the latent dimensions), KL in nats "
+               "per frame, mean posterior sigma, and the z-shuffle gap (near 0: the decoders ignore z); then the "
+               "same per latent head (`_f0`, `_loudness`, `_shared`): a head with no active unit, no KL and no "
+               "shuffle gap is unused.", ""]
         md += head(present)
         for row in rows:
             trials = c.groups[row["configuration"]]
             dims = next((f" / {r.best[VAL_LATENT_DIMS]:.0f}" for r in trials if VAL_LATENT_DIMS in r.best), "")
-            cells = [_cell(*mean_of_means([r.best[key] for r in trials if key in r.best])[:2])
-                     + (dims if key == VAL_ACTIVE_UNITS else "") for key in present]
+            cells = []
+            for key in present:
+                cell: dict = {}
+                _put(cell, "v", seed_interval([r.best[key] for r in trials if key in r.best]))
+                cells.append(_interval_cell(cell, "v") + (dims if key == VAL_ACTIVE_UNITS else ""))
             md.append(f"| {row['configuration']} | " + " | ".join(cells) + " |")
-    if len(rows) > 1:
-        md += ["", f"## Paired differences to the best configuration ({rows[0]['configuration']})", "",
-               f"Per {c.split} clip, each configuration's score averaged over its seeds, minus the best's on the same "
-               "clip: mean paired difference ± its standard error (n clips).", ""]
-        md += head([c.prefix + m for m in c.metrics])
-        for row in rows[1:]:
-            md.append(f"| {row['configuration']} | " + " | ".join(
-                (f"{row[f'{m}_diff']:+.4f} ± {row[f'{m}_diff_se']:.4f} (n {row[f'{m}_diff_n']})"
-                 if row[f"{m}_diff_n"] else "-") for m in c.metrics) + " |")
     return "\n".join(md) + "\n"
+
+
+def reproducibility_section(records: list[TrialRecord]) -> list[str]:
+    """The trials' reproducibility record (`train.provenance`) once, and a warning for every key
+    in which trials differ, naming them."""
+    keys = sorted({k for r in records for k in r.record})
+    if not keys:
+        return []
+    md = ["", "## Reproducibility", "", "What every trial recorded (its MLflow tags `repro.*`).", "",
+          "| record | value |", "|---|---|"]
+    differ = []
+    for key in keys:
+        values: dict[str, list[str]] = {}
+        for r in records:
+            values.setdefault(r.record.get(key, "(not recorded)"), []).append(r.name or r.trial)
+        if len(values) == 1:
+            md.append(f"| {key.removeprefix(RECORD)} | `{next(iter(values))}` |")
+        else:
+            differ.append(f"- **{key.removeprefix(RECORD)}**: " + "; ".join(
+                f"`{value}` ({len(who)} trial{'s' * (len(who) > 1)}: {', '.join(sorted(who)[:4])}"
+                f"{' ...' if len(who) > 4 else ''})" for value, who in sorted(values.items())))
+    if differ:
+        md += ["", f"**Warning: the trials differ in {len(differ)} of these:**", "", *differ]
+    return md
+
+
+def _difference_section(study: StudyConfig, c: Comparison, rows: list[dict]) -> list[str]:
+    """One table per metric: each configuration minus the baseline, and how it was computed."""
+    baseline = rows[0]["baseline"]
+    why = "set in report.baseline" if study.report.baseline.strip() else "the best by the objective"
+    md = ["", f"## Differences to {baseline} ({why})", ""]
+    methods = set()
+    for m in c.metrics:
+        md += [f"### {c.prefix}{m}", "", "| configuration | difference [95% CI] | p | p (Holm) | effect (d) | "
+               "equivalence: TOST p (Holm) (margin) |", "|---|---|---|---|---|---|"]
+        for row in rows:
+            if row["configuration"] != baseline:
+                md.append(f"| {row['configuration']} | " + " | ".join(_difference_cells(row, m)) + " |")
+                if not math.isnan(row.get(f"{m}_diff", math.nan)):
+                    methods.add(row[f"{m}_method"])
+        md.append("")
+    if not methods:
+        return md + ["No difference can be estimated: each needs two trials (seeds) of both configurations, "
+                     "at least three in all."]
+    level = f"{LEVEL:.0%}"
+    md += [f"Method: the {' and the '.join(METHODS[k] for k in sorted(methods))}; the difference's {level} "
+           "interval and two-sided p-value use t with (trials - 2) degrees of freedom, as the difference varies "
+           "between trials. p (Holm): corrected over the comparisons of each metric. Effect (d): the difference "
+           "over the standard deviation between seeds, pooled over both configurations. Equivalence: two one-sided "
+           f"t-tests against the margin set in report.equivalence (equivalent when its Holm-corrected p < "
+           f"{1 - LEVEL:.2f}); '-' where no margin is set."]
+    return md
+
+
+def _factorial_section(c: Comparison) -> list[str]:
+    """Main effects and interaction of two crossed searched dimensions, per headline metric."""
+    factors = sorted({k for members in c.groups.values() for r in members for k in r.params} - {SEED})
+    md = ["", "## Factorial: main effects and interaction", ""]
+    if len(factors) != 2:
+        return md + [f"A factorial analysis needs exactly two searched dimensions; this study has {len(factors)} "
+                     f"({', '.join(factors) or 'none'})."]
+    effects = {}
+    for m in c.metrics:
+        cells: dict[tuple[str, str], list[float]] = {}
+        for group, members in c.groups.items():
+            for r in members:
+                value = (r.final if c.prefix == TEST else r.best).get(c.prefix + m)
+                if value is not None and math.isfinite(value):
+                    cells.setdefault((str(r.params[factors[0]]), str(r.params[factors[1]])), []).append(value)
+        effects[m] = {e.name: e for e in factorial_effects(cells, (factors[0], factors[1]))}
+    names = list(dict.fromkeys(name for per_metric in effects.values() for name in per_metric))
+    if not names:
+        return md + [f"No effect can be estimated: {factors[0]} x {factors[1]} must be fully crossed with two "
+                     "trials (seeds) in some cell."]
+    md += ["| effect | " + " | ".join(c.prefix + m for m in c.metrics) + " |", "|---|" + "---|" * len(c.metrics)]
+    for name in names:
+        cells = [(f"{e.estimate:+.4f} [{e.low:+.4f}, {e.high:+.4f}], p {_p(e.p)}" if (e := effects[m].get(name))
+                  else "-") for m in c.metrics]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    df = next(iter(next(iter(effects.values())).values())).df
+    md += ["", f"Method: a linear model of each trial's mean (the seed is the unit) with one mean per cell; a main "
+           f"effect is a level minus the first level (sorted order), averaged over the other dimension's levels; an "
+           f"interaction is the difference of differences of a 2 x 2 sub-table. {LEVEL:.0%} t intervals and "
+           f"two-sided p-values with {df} degrees of freedom (trials minus cells), not corrected for multiplicity."]
+    return md
+
+
+def _song_section(c: Comparison, rows: list[dict]) -> list[str]:
+    """Per song, the first headline metric: each trial's mean over the song's clips, over seeds."""
+    if not c.metrics:
+        return []
+    m = c.metrics[0]
+    table = {row["configuration"]: c.song_intervals(row["configuration"], m) for row in rows}
+    songs = sorted({song for per_song in table.values() for song in per_song})
+    if not songs:
+        return []
+    md = ["", f"## Per song ({c.prefix}{m})", "",
+          f"Each trial's mean over the song's clips, then the mean over seeds [{LEVEL:.0%} t interval] (seed SD).",
+          "", "| configuration | " + " | ".join(songs) + " |", "|---|" + "---|" * len(songs)]
+    for row in rows:
+        cells = []
+        for song in songs:
+            cell: dict = {}
+            if song in table[row["configuration"]]:
+                _put(cell, "v", table[row["configuration"]][song])
+            cells.append(_interval_cell(cell, "v"))
+        md.append(f"| {row['configuration']} | " + " | ".join(cells) + " |")
+    return md
 
 
 def describe_study_run(study: StudyConfig, records: list[TrialRecord] | None = None,
@@ -201,8 +366,8 @@ def describe_study_run(study: StudyConfig, records: list[TrialRecord] | None = N
 
 
 def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
-    """The report (`report_rows`) as markdown and CSV, logged to the study's parent run and set as
-    its description."""
+    """The report (`report_rows`) as markdown and CSV, with the learning curves' figure, logged to
+    the study's parent run and set as its description."""
     record = StudyRecord.started(study)
     records = [r for r in trial_records(study) if r.best]
     out_dir = Path(out_dir) if out_dir else _report_dir(study)
@@ -211,16 +376,19 @@ def write_report(study: StudyConfig, out_dir: Path | None = None) -> Path:
     rows = report_rows(study, comparison)
     csv_path = out_dir / f"{study.name}_report.csv"
     with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["configuration"])
+        fields = list(dict.fromkeys(k for row in rows for k in row)) or ["configuration"]  # the baseline has no diff
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    md_path = out_dir / f"{study.name}_report.md"
-    md_path.write_text(report_markdown(study, records, comparison=comparison))
     client = record.client()
-    for path in (md_path, csv_path):
+    curves = learning_curves(client, comparison.groups, study.objective.metric,
+                             out_dir / f"{study.name}_learning_curves.png")
+    md_path = out_dir / f"{study.name}_report.md"
+    md_path.write_text(report_markdown(study, records, comparison=comparison) + (
+        f"\n## Learning curves\n\n{study.objective.metric} per epoch, mean over seeds with its {LEVEL:.0%} t band: "
+        f"![learning curves]({curves.name})\n" if curves else ""))
+    for path in (md_path, csv_path, *_optuna_figures(study, out_dir), *([curves] if curves else [])):
         client.log_artifact(record.parent_run_id, str(path), "report")
-    for figure in _optuna_figures(study, out_dir):
-        client.log_artifact(record.parent_run_id, str(figure), "report")
     describe_study_run(study, records, comparison)
     return md_path
 

@@ -28,6 +28,7 @@ from diffcraft.study.report import describe_study_run
 from diffcraft.study.search import fail_orphan_suggestions, scheduler, search_algorithm
 from diffcraft.study.tracking import mark_model_training, require_server_for_cluster, trial_runs
 from diffcraft.study.trial import TRIAL_DRIVER_MEMORY, trial_main
+from diffcraft.train.provenance import COMMAND_ENV, command
 
 
 @dataclass
@@ -157,6 +158,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
     """Run `study` on Ray Tune, or continue it where it stands (`resume`, or the same study file
     run again). Returns the outcome; the CLI exits non-zero when a trial failed."""
     tracking_uri = refuse_before_starting(study, address, resume, take_over)
+    os.environ.setdefault(COMMAND_ENV, command())  # what every trial records as its command (`train.provenance`)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot the experiment often: resume loses little
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # the 2 s default adds seconds per epoch
     env = raytools.forwarded_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.tracking import metric_at, trial_runs
 from diffcraft.train.names import N_PARAMETERS, SECONDS_PER_EPOCH, TEST, TRAIN, VAL
+from diffcraft.train.provenance import RECORD
 
 COST = (N_PARAMETERS, SECONDS_PER_EPOCH)  # what a configuration costs, logged once per trial
 
@@ -30,6 +31,7 @@ class TrialRecord:
     name: str = ""  # the MLflow run's name: what varies (core=bimamba seed=1)
     error: str = ""  # a failed trial's error
     artifact_uri: str = ""
+    record: dict = field(default_factory=dict)  # how to reproduce it (`train.provenance`, the RECORD tags)
 
 
 def trial_records(study: StudyConfig) -> list[TrialRecord]:
@@ -58,7 +60,8 @@ def trial_records(study: StudyConfig) -> list[TrialRecord]:
                                    len(history), best, {k: v for k, v in run.data.metrics.items()
                                                         if k.startswith(TEST) or k.startswith(COST)},
                                    run.data.tags.get("collapsed") == "true", run.info.run_name,
-                                   run.data.tags.get("error", ""), run.info.artifact_uri))
+                                   run.data.tags.get("error", ""), run.info.artifact_uri,
+                                   {k: v for k, v in run.data.tags.items() if k.startswith(RECORD)}))
     return sorted(records, key=lambda r: r.trial)
 
 

@@ -18,6 +18,7 @@ class DataConfig:
     clips_per_epoch: int = 0  # training clips drawn per epoch (0: every training clip once)
     validation_clips: int = 0  # validation clips evaluated each epoch (0: all)
     num_workers: int = -1  # DataLoader worker processes (-1: 2 on a GPU, where loading overlaps the step; 0 on CPU)
+    random_crops: bool = False  # training clips start a (seed, epoch)-drawn number of frames later; val/test stay fixed
 
     def validate(self, where: str = "") -> None:
         p = f"{where}." if where else ""

@@ -7,6 +7,7 @@ chosen checkpoint (the test numbers a report cites), keeping each clip's name.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -15,7 +16,7 @@ from diffcraft.losses import kl_terms
 from diffcraft.pitch import raw_chroma_accuracy, raw_pitch_accuracy
 from diffcraft.train.metrics import active_units, mean_se_sd
 from diffcraft.train.loss import VOICED, latent_kl_dims, loss_terms
-from diffcraft.train.names import MEAN_NAMES
+from diffcraft.train.names import ACTIVE_UNITS, KL, MEAN_NAMES, SHUFFLE_GAP, per_head
 
 MAX_LATENT_FRAMES = 200_000  # posterior means kept for active units (a random subset beyond)
 
@@ -31,18 +32,36 @@ def seeded(seed: int = 0):
         yield
 
 
-def _shuffle_gap(model, out: dict, terms: dict, batch: dict, mss_fn, autocast) -> torch.Tensor | None:
-    """Per clip: supervised F0 + loudness loss with z rolled across the batch, minus the loss with
-    its own z (`terms`, already measured): about 0 when the decoders ignore z, whatever the KL says.
-    The decoders run under the same autocast as the forward pass that made z."""
+def _shuffle_gap(model, out: dict, terms: dict, batch: dict, mss_fn, autocast,
+                 heads: tuple[str, ...] | None = None) -> torch.Tensor | None:
+    """Per clip: supervised F0 + loudness loss with z rolled across the batch (in `heads`, default
+    every head), minus the loss with its own z (`terms`, already measured): about 0 when the
+    decoders ignore that z, whatever the KL says. The decoders run under the same autocast as the
+    forward pass that made z."""
     if batch["audio"].shape[0] < 2:
         return None
     encoder = model.encoder
-    shuffled = {name: {**head, "z": head["z"].roll(1, dims=0)} for name, head in out["latents"].items()}
+    shuffled = {name: {**head, "z": head["z"].roll(1, dims=0)} if heads is None or name in heads else head
+                for name, head in out["latents"].items()}
     with autocast():
         decoded = encoder.decode(*encoder.split(shuffled))
     other = loss_terms(decoded | {"latents": {}}, batch, mss_fn, per_example=True)
     return other["f0_loss"] + other["loudness_loss"] - terms["f0_loss"] - terms["loudness_loss"]
+
+
+def _head_diagnostics(mu: torch.Tensor, dims: dict[str, int], head_scores: dict[str, list]) -> dict:
+    """Active units of each latent head (its slice of the posterior means), and the mean over
+    clips of its KL and shuffle gap: which head collapsed, where the totals only say that one did.
+    mu: [frames, latent dims], the heads' dimensions side by side in `dims` order."""
+    out, start = {}, 0
+    for head, size in dims.items():
+        out[per_head(ACTIVE_UNITS, head)] = active_units(mu[:, start: start + size])[0]
+        start += size
+    for name, values in head_scores.items():
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            out[name] = sum(finite) / len(finite)
+    return out
 
 
 def _pitch_accuracies(pred: torch.Tensor, true: torch.Tensor, voiced: torch.Tensor) -> tuple[list, list]:
@@ -58,6 +77,8 @@ def clip_scores(model, loader, mss_fn, device, autocast) -> tuple[dict[str, torc
     model.eval()
     scores: dict[str, list] = {}
     mus, kls, sigmas = [], [], []
+    dims: dict[str, int] = {}  # latent head -> its dimensions
+    head_scores: dict[str, list] = {}  # per-head KL and shuffle gap, per clip
 
     def add(name, values):
         scores.setdefault(name, []).extend(torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist())
@@ -80,14 +101,23 @@ def clip_scores(model, loader, mss_fn, device, autocast) -> tuple[dict[str, torc
             add("rca", rca)
             add("loudness_mae_db", (out["loudness_db"] - batch["loudness_db"]).abs().float().mean(-1).cpu())
             heads = list(out["latents"].values())
+            dims = {name: h["mu"].shape[-1] for name, h in out["latents"].items()}
             mu = torch.cat([h["mu"].float() for h in heads], -1)
             mus.append(mu.reshape(-1, mu.shape[-1]).cpu())
             if all("logvar" in h for h in heads):
-                add("kl", sum(kl_terms(h["mu"].float(), h["logvar"].float()).mean(1).sum(-1) for h in heads).cpu())
+                per_clip = {name: kl_terms(h["mu"].float(), h["logvar"].float()).mean(1).sum(-1).cpu()
+                            for name, h in out["latents"].items()}
+                add("kl", sum(per_clip.values()))
+                for name, values in per_clip.items():
+                    head_scores.setdefault(per_head(KL, name), []).extend(values.tolist())
                 kls.append(latent_kl_dims(out["latents"]).cpu())
                 sigmas.append(torch.cat([torch.exp(0.5 * h["logvar"]).mean().reshape(1) for h in heads]).mean())
             gap = _shuffle_gap(model, out, terms, batch, mss_fn, autocast)  # none for a batch of one clip: nan keeps
             add("shuffle_gap", gap.float().cpu() if gap is not None else [float("nan")])  # clips aligned
+            for name in dims:  # one head: its gap is the total
+                one = gap if len(dims) == 1 else _shuffle_gap(model, out, terms, batch, mss_fn, autocast, (name,))
+                head_scores.setdefault(per_head(SHUFFLE_GAP, name), []).extend(
+                    one.float().cpu().tolist() if one is not None else [float("nan")])
     model.train()
     latent: dict = {}
     if mus:
@@ -96,6 +126,7 @@ def clip_scores(model, loader, mss_fn, device, autocast) -> tuple[dict[str, torc
             all_mu = all_mu[torch.randperm(all_mu.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_LATENT_FRAMES]]
         count, variance = active_units(all_mu)
         latent.update(active_units=count, latent_dims=int(all_mu.shape[-1]), latent_variance=variance.tolist())
+        latent.update(_head_diagnostics(all_mu, dims, head_scores))
         if kls:
             latent.update(kl_per_dim=torch.stack(kls).mean(0).tolist(), mean_sigma=float(torch.stack(sigmas).mean()))
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in scores.items()}, latent

@@ -32,6 +32,7 @@ from diffcraft.train.config import RunConfig
 from diffcraft.train.data import make_loaders
 from diffcraft.train.evaluate import evaluate
 from diffcraft.train.loss import beta_at, loss_terms, total_loss, validation_loss
+from diffcraft.train.provenance import reproducibility
 from diffcraft.train.schedule import LRSchedule, schedule_epoch
 from diffcraft.train.selection import Objective
 from diffcraft.train.session import LocalSession, Session, resolve_device
@@ -134,7 +135,7 @@ def start(cfg: RunConfig, session: Session, select: tuple[str, str] = (names.VAL
     run = Run(cfg, session, model, model, optimizer, schedule, train_loader, val_loader, select,
               TrainResult(session.describe(), getattr(session, "run_dir", None)))
     run.result.scan = scan_in_use(model, cfg, device)
-    session.record(scan=run.result.scan)
+    session.record(scan=run.result.scan, **reproducibility(cfg.data.cache, device))
     saved = session.restore()
     if saved is not None:
         try:

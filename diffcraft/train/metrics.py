@@ -1,5 +1,7 @@
-"""Summary statistics as the paper reports them (mean ± standard error, standard deviation) and the
-latent diagnostic of active units. Pitch accuracies, being pitch math, live in `diffcraft.pitch`."""
+"""Summary statistics of one run's clips (mean ± standard error, standard deviation), the per-clip
+tables a report compares runs on, and the latent diagnostic of active units. Statistics across
+runs, with the seed as the unit, live in `diffcraft.study.stats`; pitch accuracies, being pitch
+math, in `diffcraft.pitch`."""
 from __future__ import annotations
 
 import math
@@ -26,22 +28,6 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.
     flat = mu.reshape(-1, mu.shape[-1]).double()
     variance = flat.var(dim=0, unbiased=True) if flat.shape[0] > 1 else torch.zeros(flat.shape[-1])
     return int((variance > threshold).sum()), variance.float()
-
-
-def mean_of_means(per_seed: list[float]) -> tuple[float, float, int]:
-    """Across seeds: the mean of the seed means and its standard error over seeds (nan with one
-    seed: one run says nothing about the spread between runs), and the number of seeds."""
-    mean, se, _ = mean_se_sd(per_seed)
-    return mean, se, len(per_seed)
-
-
-def paired_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, int]:
-    """A minus B on the clips both were scored on ({clip name: score}, nan scores left out): the
-    mean paired difference, its standard error and the number of pairs. Pairing removes the
-    clip-to-clip spread that two independent means would carry."""
-    shared = [c for c in a if c in b and math.isfinite(a[c]) and math.isfinite(b[c])]
-    mean, se, _ = mean_se_sd([a[c] - b[c] for c in shared])
-    return mean, se, len(shared)
 
 
 def write_clip_table(path, names: list[str], scores: dict[str, torch.Tensor]):

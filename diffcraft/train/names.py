@@ -13,6 +13,7 @@ MSS, F0_LOSS, LOUDNESS_LOSS, KL = "mss", "f0_loss", "loudness_loss", "kl"
 RPA, RCA, LOUDNESS_MAE_DB, SHUFFLE_GAP = "rpa", "rca", "loudness_mae_db", "shuffle_gap"
 MEAN_NAMES = {MSS: "mss_mean"}  # where a mean's metric name is not the score's own
 N_CLIPS = "n_clips"  # clips scored on the split
+HEADLINE = (MSS, F0_LOSS, RPA, RCA, LOUDNESS_LOSS, LOUDNESS_MAE_DB, KL)  # the scores a study report compares
 
 # one epoch's record (`train.loop.epoch_metrics`)
 EPOCH, STEP, LR, BETA = "epoch", "step", "lr", "beta"
@@ -24,6 +25,7 @@ RANK_WEIGHT_SPREAD = "rank_weight_spread"  # data parallelism: the ranks' larges
 # latent diagnostics of the validation set as a whole (`val_` prefixed)
 ACTIVE_UNITS, LATENT_DIMS, LATENT_VARIANCE, MEAN_SIGMA = "active_units", "latent_dims", "latent_variance", "mean_sigma"
 PER_DIMENSION = (VAL + LATENT_VARIANCE, VAL + KL_PER_DIM)  # lists, one value per latent dimension
+HEAD_DIAGNOSTICS = (ACTIVE_UNITS, KL, SHUFFLE_GAP)  # also per latent head (`per_head`): which head collapsed
 
 # a trial's, beside its epochs: Tune's time attribute and guard flag, and the cost of its configuration
 EPOCHS_DONE, COLLAPSED = "epochs_done", "collapsed"
@@ -36,6 +38,16 @@ VAL_ACTIVE_UNITS, VAL_LATENT_DIMS = VAL + ACTIVE_UNITS, VAL + LATENT_DIMS
 def mean_name(score: str, prefix: str = "") -> str:
     """The metric holding a score's mean over clips: ('mss', 'val_') -> 'val_mss_mean'."""
     return prefix + MEAN_NAMES.get(score, score)
+
+
+def headline_names() -> tuple[str, ...]:
+    """The metrics (without prefix) a study report compares: the means of the HEADLINE scores."""
+    return tuple(mean_name(score) for score in HEADLINE)
+
+
+def per_head(diagnostic: str, head: str) -> str:
+    """A latent diagnostic of one head ('val_active_units', 'loudness' -> 'val_active_units_loudness')."""
+    return f"{diagnostic}_{head}"
 
 
 def score_of(mean: str) -> str:

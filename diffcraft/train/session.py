@@ -8,12 +8,16 @@ checkpoint API.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+RUN_RECORD = "run_record.json"  # a local run's `Session.record`: how it trains and how to reproduce it
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,6 +70,13 @@ class LocalSession(Session):
         self.run_dir, self.on_epoch = Path(run_dir), on_epoch
         self.checkpoints = self.run_dir / "checkpoints"
         self.where = str(self.run_dir)
+
+    def record(self, **tags: str) -> None:
+        """Kept beside the checkpoints in run_record.json (merged: a resumed run notes its own attempt)."""
+        path = self.run_dir / RUN_RECORD
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**old, **{k: str(v) for k, v in tags.items()}}, indent=1, sort_keys=True))
 
     def restore(self) -> dict | None:
         last = self.checkpoints / "last.pt"

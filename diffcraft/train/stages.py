@@ -1,16 +1,18 @@
 """What a run config's stage reports each epoch, which config fields it reads, and which sizes a
 training clip can hold: declared next to the loop that produces them (the names themselves are
-`train.names`), so a study can be checked before anything trains. `tests/test_review.py` trains one epoch of every stage and compares the
-keys it reports with `epoch_metric_names`, so the declaration cannot drift from the loop.
+`train.names`), so a study can be checked before anything trains. `tests/test_review.py` trains
+one epoch of every stage and compares the keys it reports with `epoch_metric_names`, so the
+declaration cannot drift from the loop.
 """
 from __future__ import annotations
 
 from diffcraft import CLIP_SAMPLES, CLIP_SECONDS
+from diffcraft.models.encoders import LATENT_HEADS
 from diffcraft.train.config import RunConfig
-from diffcraft.train.names import (BETA, EPOCH, EPOCH_SECONDS, F0_LOSS, KL, KL_PER_DIM, LATENT_VARIANCE, LOUDNESS_LOSS,
-                                   LOUDNESS_MAE_DB, LR, MEAN_SIGMA, MSS, N_CLIPS, PER_DIMENSION, RCA, RPA, SHUFFLE_GAP,
-                                   STEP, THROUGHPUT, TRAIN, TRAIN_LOSS, VAL, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS,
-                                   VAL_LOSS, summary_names)
+from diffcraft.train.names import (ACTIVE_UNITS, BETA, EPOCH, EPOCH_SECONDS, F0_LOSS, KL, KL_PER_DIM, LATENT_VARIANCE,
+                                   LOUDNESS_LOSS, LOUDNESS_MAE_DB, LR, MEAN_SIGMA, MSS, N_CLIPS, PER_DIMENSION, RCA, RPA,
+                                   SHUFFLE_GAP, STEP, THROUGHPUT, TRAIN, TRAIN_LOSS, VAL, VAL_ACTIVE_UNITS,
+                                   VAL_LATENT_DIMS, VAL_LOSS, per_head, summary_names)
 
 DECODER_SCORES = (MSS,)  # the per-clip scores of each part, as the validation summaries report them
 ENCODER_SCORES = (F0_LOSS, LOUDNESS_LOSS, RPA, RCA, LOUDNESS_MAE_DB)
@@ -23,13 +25,15 @@ def epoch_metric_names(cfg: RunConfig) -> set[str]:
     names = {EPOCH, STEP, LR, EPOCH_SECONDS, THROUGHPUT, TRAIN_LOSS, VAL_LOSS, VAL + N_CLIPS}
     if cfg.model.has_decoder:
         names |= {TRAIN + MSS} | summary_names(DECODER_SCORES, VAL)
+    heads = LATENT_HEADS[cfg.model.encoder.encoding]
     if cfg.model.has_encoder:
         names |= {TRAIN + F0_LOSS, TRAIN + LOUDNESS_LOSS, VAL_ACTIVE_UNITS, VAL_LATENT_DIMS, VAL + LATENT_VARIANCE}
-        names |= summary_names(ENCODER_SCORES, VAL)
+        names |= summary_names(ENCODER_SCORES, VAL) | {VAL + per_head(ACTIVE_UNITS, h) for h in heads}
         if cfg.data.batch_size >= 2 and cfg.data.validation_clips != 1:
-            names.add(VAL + SHUFFLE_GAP)
+            names |= {VAL + SHUFFLE_GAP} | {VAL + per_head(SHUFFLE_GAP, h) for h in heads}
     if cfg.model.is_vae:
         names |= {BETA, TRAIN + KL, VAL + KL_PER_DIM, VAL + MEAN_SIGMA} | summary_names(VAE_SCORES, VAL)
+        names |= {VAL + per_head(KL, h) for h in heads}
     return names
 
 
