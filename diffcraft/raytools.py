@@ -10,7 +10,8 @@ from diffcraft.errors import ConfigError
 # job's runtime environment, and the command every trial records (`train.provenance`). Only
 # endpoints, regions and that: Ray logs a runtime environment on every node and shows it in the
 # Jobs API, so no credential travels this way.
-FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DIFFCRAFT_COMMAND")
+FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DIFFCRAFT_COMMAND",
+                 "DIFFCRAFT_FAULT")  # the recovery tests' fault points (`study.faults`)
 # A node's own identity and secrets, never forwarded: each node has them from its platform (instance
 # profile, service account, workload identity, a Kubernetes Secret, an env file read before
 # `ray start`; cluster/README.md). Forwarding a laptop's AWS_PROFILE or credentials file path

@@ -20,6 +20,7 @@ from diffcraft.errors import StudyConfigError
 from diffcraft.model_uri import default_tracking_uri
 from diffcraft.storage import Location, filesystem
 from diffcraft.study.config import StudyConfig
+from diffcraft.study.faults import fault_point
 from diffcraft.study.lease import Lease, acquire_lease, check_lease_free, fence_held
 from diffcraft.study.outcome import sweep_orphan_runs, trial_run_callback
 from diffcraft.study.preflight import preflight
@@ -173,6 +174,7 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
             client = record.client()
             mark_model_training(client, record.experiment_id)
             client.update_run(record.parent_run_id, status="RUNNING")
+            fault_point("driver_before_tune")  # lease, record and parent run exist; Tune has written nothing
             results = _fit(_tuner(study, record, lease, verbose, retry_failed))
             lease.fence()
             return _finish(study, record, results, progress)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from diffcraft.study.faults import fault_point
 from diffcraft.study.tracking import TrialRun, scalar_metrics
 from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
 from diffcraft.train.names import COLLAPSED, EPOCH, EPOCHS_DONE, RANK_WEIGHT_SPREAD, VAL_ACTIVE_UNITS
@@ -119,6 +120,7 @@ class RayTrainSession(Session):
                 (Path(folder) / METRICS_FILE).write_text(json.dumps(report))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            fault_point("worker_after_commit")  # committed, not yet in MLflow: what log_missing_epochs repairs
             self.lease.check()  # ... and log no epoch
             if not self.run.is_running():
                 # Tune stopped the trial on an earlier result and its run is ended: its record stays as
