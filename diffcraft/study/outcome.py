@@ -8,6 +8,7 @@ from __future__ import annotations
 from diffcraft.study.artifacts import log_trial_artifacts
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
+from diffcraft.study.timeline import mark
 from diffcraft.study.tracking import TrialRun, trial_runs
 from diffcraft.train.names import COLLAPSED, EPOCHS_DONE
 
@@ -53,8 +54,13 @@ def trial_run_callback(study: StudyConfig, record: StudyRecord):
     from ray.tune import Callback
 
     class EndTrialRuns(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            mark("trial_start", trial.trial_id)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
+            mark("trial_complete", trial.trial_id)
             end_trial_run(study, record, trial)
+            mark("run_ended", trial.trial_id)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             end_trial_run(study, record, trial, failed=True)

@@ -17,6 +17,7 @@ from diffcraft.storage import Location, filesystem
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.space import config_hash, trial_label
+from diffcraft.study.timeline import mark, mark_process_start
 from diffcraft.study.tracking import TrialRun, code_version
 from diffcraft.study.worker import train_worker
 
@@ -37,6 +38,8 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
 
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    mark_process_start("trial_process", trial_id)
+    mark("trial_main", trial_id)
     cfg = study.trial_config(params)
     cfg.name = trial_id
     tags = {"study": study.name, "trial_name": trial_name, "seed": cfg.train.seed,
@@ -44,9 +47,11 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
             "code_version": code_version(), "workers": study.resources.workers}
     run = TrialRun.open(record.tracking_uri, record.experiment_id, record.parent_run_id, trial_id, tags,
                         asdict(cfg), run_name=trial_label(params))  # named by what varies; Tune's name is a tag
+    mark("run_opened", trial_id)
     fs, root = filesystem(train_location(study).uri)
     r = study.resources
     _pin_cluster_address()
+    mark("fit_start", trial_id)
     try:
         TorchTrainer(
             train_worker,
@@ -62,6 +67,7 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
                 failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3),
                 callbacks=[TuneReportCallback()]),
         ).fit()
+        mark("fit_end", trial_id)
     except Exception as err:
         run.tag(error=f"{type(err).__name__}: {err}"[:5000])
         run.client.log_text(run.run_id, traceback.format_exc(), "error.txt")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from diffcraft.study.timeline import mark, mark_process_start
 from diffcraft.study.tracking import TrialRun, scalar_metrics
 from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
 from diffcraft.train.names import COLLAPSED, EPOCH, EPOCHS_DONE, RANK_WEIGHT_SPREAD, VAL_ACTIVE_UNITS
@@ -64,7 +65,8 @@ class RayTrainSession(Session):
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.study, self.run = study, run  # run: the trial's TrialRun on rank 0, else None
         self.guard = CollapseGuard(study.collapse_guard)
-        self.where = f"trial {context.get_experiment_name()}"
+        self.trial = context.get_experiment_name()  # the trial's id (its Train run is named after it)
+        self.where = f"trial {self.trial}"
         if run is not None:  # where this attempt trains (a restarted trial may move to another node)
             run.tag(train_node=ray.get_runtime_context().get_node_id())
 
@@ -77,6 +79,7 @@ class RayTrainSession(Session):
 
         model.to(self.device)
         self.model = model
+        self.mark("run_ready")
         return ray.train.torch.prepare_model(model, move_to_device=False) if self.world > 1 else model
 
     def restore(self) -> dict | None:
@@ -111,11 +114,14 @@ class RayTrainSession(Session):
         else:
             collapsed = self.guard.collapsed(saved["history"])
             report = tune_report(metrics, self.study, collapsed)
+            self.mark("epoch_trained")
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(Path(folder) / STATE_FILE, saved)
                 (Path(folder) / METRICS_FILE).write_text(json.dumps(report))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            self.mark("reported")
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            self.mark("committed")
             if not self.run.is_running():
                 # Tune stopped the trial on an earlier result and its run is ended: its record stays as
                 # the driver closed it, and this worker, not yet told, stops
@@ -125,7 +131,13 @@ class RayTrainSession(Session):
                 if collapsed:
                     self.run.tag(collapsed="true")
                 stop = collapsed and self.study.collapse_guard.action == "stop"
+            self.mark("logged")
         return bool(self.share(1.0 if stop else 0.0))
+
+    def mark(self, event: str) -> None:
+        """A timeline mark (`study.timeline`), on rank 0 only."""
+        if self.rank == 0:
+            mark(event, self.trial)
 
     def weight_spread(self) -> float:
         """The largest difference between the ranks' copies of any weight (a collective)."""
@@ -152,9 +164,15 @@ def train_worker(config: dict) -> None:
     from diffcraft.train.loop import train
 
     study, cfg = config["study"], config["cfg"]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    if rank == 0:
+        mark_process_start("worker_process", context.get_experiment_name())
+        mark("worker_main", context.get_experiment_name())
     run = TrialRun(MlflowClient(config["tracking_uri"]), config["run_id"]) if rank == 0 else None
     result = train(cfg, progress=False, session=RayTrainSession(study, run),
                    select=(study.objective.metric, study.objective.mode))
     if run is not None and result.init_report:  # what train.init_from loaded, module by module
         run.log_dict(result.init_report, "init_report.yaml")
+    if rank == 0:
+        mark("train_end", context.get_experiment_name())
