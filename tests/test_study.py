@@ -61,6 +61,7 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
         history = client.get_metric_history(run.info.run_id, "val_mss_mean")
         assert [m.step for m in history] == [0, 1]
         assert "train_mss" in run.data.metrics and "val_mss_sd" in run.data.metrics
+        assert run.data.tags["artifacts"] == "logged"  # by the trial's rank-0 worker, after its last epoch
         artifacts = {a.path for folder in ("checkpoint", "figures", "audio", "evaluation")
                      for a in client.list_artifacts(run.info.run_id, folder)}
         assert {"checkpoint/best.pt", "figures/loss_curves.png", "figures/spectrogram_0.png",
@@ -114,7 +115,9 @@ def test_optuna_with_asha_stops_a_trial_early(ray_local, synth_cache, tmp_path):
             assert run.info.status == "KILLED" and run.data.tags["ended_by"] == "scheduler", run.data.tags
             assert run.data.tags["stopped_reason"] == \
                 f"stopped by the asha scheduler on its result of epoch {decided_on} of 4"
+            # its workers were stopped: a Ray task logged its artifacts, then ended the run
             assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+            assert run.data.tags["artifacts"] == "logged"
         else:
             assert run.info.status == "FINISHED" and "stopped_reason" not in run.data.tags
     assert (tmp_path / "studies" / "s" / "optuna.db").is_file()

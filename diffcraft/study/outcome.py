@@ -2,10 +2,18 @@
 stopped it), KILLED with the reason when the scheduler stopped it early, FAILED with the error;
 the Tune callback that ends each run as its trial ends, and the sweep that ends the runs a dead
 driver left RUNNING.
+
+The callback runs in Tune's event loop, on the driver: it only reads and ends runs. A trial that
+trained to its end has its artifacts from its rank-0 worker (`study.artifacts`); for one the
+scheduler stopped, the callback starts a Ray task that logs them and then ends the run, on a node
+with CPUs (never a head that runs drivers only), and the study waits for those tasks at its end.
 """
 from __future__ import annotations
 
-from diffcraft.study.artifacts import log_trial_artifacts
+import logging
+from types import SimpleNamespace
+
+from diffcraft.study.artifacts import has_artifacts, log_artifacts_once
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.timeline import mark
@@ -24,10 +32,7 @@ def end_trial_run(study: StudyConfig, record: StudyRecord, trial, failed: bool =
     run = TrialRun(client, found[0].info.run_id)
     last = trial.last_result or {}
     if not failed:
-        try:
-            log_trial_artifacts(run, study, trial.trial_id)
-        except Exception as err:  # noqa: BLE001 - the run still ends; the tag says what is missing
-            run.tag(artifacts_error=f"{type(err).__name__}: {err}"[:5000])
+        log_artifacts_once(run, study, trial.trial_id)
     decided_on = int(last.get(EPOCHS_DONE, 0))  # the result Tune ended the trial on
     # the worker does not wait for Tune's verdict: it may have trained and logged on meanwhile
     done = max(decided_on, len(run.logged_epochs()))
@@ -50,22 +55,47 @@ def end_trial_run(study: StudyConfig, record: StudyRecord, trial, failed: bool =
 
 
 def trial_run_callback(study: StudyConfig, record: StudyRecord):
-    """The Tune callback that ends each trial's MLflow run when the trial ends."""
+    """The Tune callback that ends each trial's MLflow run when the trial ends (see the module
+    docstring)."""
+    import ray
     from ray.tune import Callback
 
     class EndTrialRuns(Callback):
+        def __init__(self):
+            self.pending = []  # the Ray tasks ending runs of trials the scheduler stopped
+
         def on_trial_start(self, iteration, trials, trial, **info):
             mark("trial_start", trial.trial_id)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             mark("trial_complete", trial.trial_id)
-            end_trial_run(study, record, trial)
+            if _artifacts_logged(record, trial.trial_id):
+                end_trial_run(study, record, trial)
+            else:  # a plain copy of what the run's end reads from Tune's trial
+                ended = SimpleNamespace(trial_id=trial.trial_id, last_result=dict(trial.last_result or {}))
+                end_remotely = ray.remote(num_cpus=min(1.0, study.resources.cpus_per_worker))(end_trial_run)
+                self.pending.append(end_remotely.remote(study, record, ended))
             mark("run_ended", trial.trial_id)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             end_trial_run(study, record, trial, failed=True)
 
+        def on_experiment_end(self, trials, **info):
+            """Tune ends (finished, or interrupted): wait for the runs still being ended."""
+            for ref in self.pending:
+                try:
+                    ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - its run stays RUNNING; the study's end sweeps it
+                    logging.getLogger(__name__).warning("a trial's run could not be ended: %s", err)
+            self.pending = []
+
     return EndTrialRuns()
+
+
+def _artifacts_logged(record: StudyRecord, trial_id: str) -> bool:
+    """Whether the trial's run has its artifacts (a missing run: nothing to wait for)."""
+    found = record.client().search_runs([record.experiment_id], f"tags.trial_id = '{trial_id}'", max_results=1)
+    return not found or has_artifacts(found[0].data.tags)
 
 
 def sweep_orphan_runs(record: StudyRecord) -> list[str]:

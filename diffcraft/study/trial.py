@@ -1,6 +1,7 @@
 """One Ray Tune trial: a Tune function trainable that opens the trial's MLflow run and trains it
 as a Ray Train `TorchTrainer` of `resources.workers` workers (`study.worker.train_worker`).
-When the trial ends, `study.outcome` ends its run and `study.artifacts` logs what it produced.
+Its rank-0 worker logs what the trial produced after its last epoch (`study.artifacts`); when the
+trial ends, `study.outcome` ends its run.
 
 The Train run is named after the trial and lives in the study's storage (`<study>/train/<trial>`),
 so a trial restarted on any node, or by a resumed study, continues from its last committed epoch.

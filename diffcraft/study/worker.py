@@ -1,4 +1,5 @@
-"""What every Ray Train worker of a trial runs: the training loop in a `RayTrainSession`.
+"""What every Ray Train worker of a trial runs: the training loop in a `RayTrainSession`, then on
+rank 0 the trial's end-of-trial artifacts (`study.artifacts`: where the cache is already staged).
 
 The session takes the worker's device from Ray Train, wraps the model for data parallelism with
 Ray Train's own `prepare_model`, resumes from `ray.train.get_checkpoint()` and commits each epoch
@@ -172,7 +173,11 @@ def train_worker(config: dict) -> None:
     run = TrialRun(MlflowClient(config["tracking_uri"]), config["run_id"]) if rank == 0 else None
     result = train(cfg, progress=False, session=RayTrainSession(study, run),
                    select=(study.objective.metric, study.objective.mode))
-    if run is not None and result.init_report:  # what train.init_from loaded, module by module
-        run.log_dict(result.init_report, "init_report.yaml")
-    if rank == 0:
+    if run is not None:
+        if result.init_report:  # what train.init_from loaded, module by module
+            run.log_dict(result.init_report, "init_report.yaml")
+        if run.is_running():  # else Tune stopped the trial and its end logs them (study.outcome)
+            from diffcraft.study.artifacts import log_artifacts_once
+
+            log_artifacts_once(run, study, context.get_experiment_name())
         mark("train_end", context.get_experiment_name())
