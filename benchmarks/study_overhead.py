@@ -73,6 +73,9 @@ def print_profile(path: Path, direct_per_trial: float) -> None:
         print(f"  {name:<60} {statistics.median(p[name] for p in per_trial):6.2f}")
     print(f"  {'a trial, first mark to last':<60} {statistics.median(spans):6.2f}")
     print(f"  {'the same training back to back in one process':<60} {direct_per_trial:6.2f}")
+    memory = [m for marks in by_trial.values() for m in marks if m["event"] == "fit_end"]
+    print(f"a trial's own process (TRIAL_DRIVER_MEMORY) at its end: {max(m['rss'] for m in memory) >> 20} MiB "
+          f"resident, {max(m['uss'] for m in memory) >> 20} MiB its own (largest of {len(memory)})")
 
 
 def main() -> None:

@@ -185,6 +185,8 @@ def test_unschedulable_trial_fails_fast_with_the_numbers(ray_local, synth_cache,
     ({"objective": {"metric": "loss"}}, "objective.metric: 'loss'"),
     ({"scheduler": {"kind": "hyperband"}}, "scheduler.kind: 'hyperband'"),
     ({"resources": {"cpus_per_worker": 0}}, "resources"),
+    ({"resources": {"worker_start_timeout_s": 0}}, "resources.worker_start_timeout_s: must be > 0"),
+    ({"resources": {"controller_failure_limit": -2}}, "resources.controller_failure_limit: must be >= 0, or -1"),
     ({"concurrency": 0}, "concurrency"),
     ({"collapse_guard": {"action": "warn"}}, "collapse_guard"),
     ({"run": {"train": {"epochs": "many"}}}, "run.train.epochs: expected an integer, got 'many'"),
@@ -444,3 +446,15 @@ def test_a_grid_study_runs_no_more_trials_at_once_than_its_concurrency(ray_local
     _, _, children = child_runs(study)
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)
     assert len(spans) == 3 and all(spans[i][1] <= spans[i + 1][0] for i in range(2)), spans
+
+
+@pytest.mark.slow
+def test_a_trial_whose_workers_do_not_start_in_time_fails_after_its_tries(ray_local, synth_cache, tmp_path):
+    """resources.worker_start_timeout_s and controller_failure_limit reach Ray Train: workers given
+    a millisecond to start never do, and with no try left the trial fails saying so."""
+    study = load_study(write_study(tmp_path, synth_cache, run={"train": {"epochs": 1}},
+                                   resources={"worker_start_timeout_s": 0.001, "controller_failure_limit": 0}))
+    results = run_study(study, verbose=0).results
+    assert len(results.errors) == 1
+    (run,) = child_runs(study)[2]
+    assert run.info.status == "FAILED" and "WorkerGroupStartupTimeout" in run.data.tags["error"], run.data.tags

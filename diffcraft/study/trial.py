@@ -5,8 +5,10 @@ trial ends, `study.outcome` ends its run.
 
 The Train run is named after the trial and lives in the study's storage (`<study>/train/<trial>`),
 so a trial restarted on any node, or by a resumed study, continues from its last committed epoch.
-Retries happen at one level only, Tune's (`max_retries`): Ray Train itself does not retry, so a
-failure costs one retry, not one per level.
+Retries happen at one level only, Tune's (`max_retries`): Ray Train itself does not retry a failed
+worker, so a failure costs one retry, not one per level. It only tries again to start workers that
+found no nodes in `resources.worker_start_timeout_s` (up to `resources.controller_failure_limit`
+times): an autoscaling cluster starts GPU nodes meanwhile.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from diffcraft.storage import Location, filesystem
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.space import config_hash, trial_label
-from diffcraft.study.timeline import mark, mark_process_start
+from diffcraft.study.timeline import mark, mark_memory, mark_process_start
 from diffcraft.study.tracking import TrialRun, code_version
 from diffcraft.study.worker import train_worker
 
@@ -52,6 +54,7 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
     fs, root = filesystem(train_location(study).uri)
     r = study.resources
     _pin_cluster_address()
+    _set_worker_start_timeout(r.worker_start_timeout_s)
     mark("fit_start", trial_id)
     try:
         TorchTrainer(
@@ -65,10 +68,11 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=study.objective.metric,
                     checkpoint_score_order=study.objective.mode),  # the best by the objective, and the latest
-                failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3),
+                failure_config=ray.train.FailureConfig(max_failures=0,
+                                                       controller_failure_limit=r.controller_failure_limit),
                 callbacks=[TuneReportCallback()]),
         ).fit()
-        mark("fit_end", trial_id)
+        mark_memory("fit_end", trial_id)
     except Exception as err:
         run.tag(error=f"{type(err).__name__}: {err}"[:5000])
         run.client.log_text(run.run_id, traceback.format_exc(), "error.txt")
@@ -85,3 +89,12 @@ def _pin_cluster_address() -> None:
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+
+
+def _set_worker_start_timeout(seconds: float) -> None:
+    """Ray Train reads how long a worker group may take to start from its controller's environment
+    (60 s by default, too short for an autoscaler to start a GPU node); the trainer passes this
+    process's value on to the controller."""
+    from ray.train.v2._internal import constants
+
+    os.environ[constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(seconds)
