@@ -28,8 +28,8 @@ from diffcraft.train.loop import train
 
 # (phase, from mark, to mark): consecutive marks of one trial; an epoch's marks repeat per epoch
 PHASES = [
-    ("Tune: trial actor process started", "trial_start", "trial_process"),
-    ("trial process: imports, until trial_main", "trial_process", "trial_main"),
+    ("Tune: the previous trial's end to this trial's actor", "previous_run_ended", "trial_start"),
+    ("trial process: until trial_main runs", "trial_start", "trial_main"),
     ("MLflow: trial run opened", "trial_main", "run_opened"),
     ("Train: controller, placement group, worker actor", "run_opened", "worker_process"),
     ("Train worker: imports, process group, until train_worker", "worker_process", "worker_main"),
@@ -66,14 +66,21 @@ def print_profile(path: Path, direct_per_trial: float) -> None:
     for line in path.read_text().splitlines():
         mark = json.loads(line)
         by_trial.setdefault(mark["trial"], []).append(mark)
-    per_trial = [phase_seconds(marks) for marks in by_trial.values()]
-    spans = [max(m["t"] for m in marks) - min(m["t"] for m in marks) for marks in by_trial.values()]
-    print(f"\nwhere a trial's time goes (median over {len(per_trial)} trials, seconds):")
+    trials = sorted(by_trial.values(), key=lambda marks: min(m["t"] for m in marks))
+    for before, marks in zip(trials, trials[1:]):  # the gap in Tune's loop between two trials
+        ended = [m["t"] for m in before if m["event"] == "run_ended"]
+        marks.extend({"t": t, "event": "previous_run_ended"} for t in ended)
+    per_trial = [phase_seconds(marks) for marks in trials]
+    spans = [max(m["t"] for m in marks) - min(m["t"] for m in marks) for marks in trials]
+    print(f"\nwhere a trial's time goes (median over {len(per_trial)} trials, seconds; the first trial has no "
+          "previous one):")
     for name, _, _ in PHASES:
         print(f"  {name:<60} {statistics.median(p[name] for p in per_trial):6.2f}")
     print(f"  {'a trial, first mark to last':<60} {statistics.median(spans):6.2f}")
     print(f"  {'the same training back to back in one process':<60} {direct_per_trial:6.2f}")
-    memory = [m for marks in by_trial.values() for m in marks if m["event"] == "fit_end"]
+    memory = [m for marks in trials for m in marks if m["event"] == "fit_end" and "rss" in m]
+    if not memory:  # no trial ended its fit
+        return
     print(f"a trial's own process (TRIAL_DRIVER_MEMORY) at its end: {max(m['rss'] for m in memory) >> 20} MiB "
           f"resident, {max(m['uss'] for m in memory) >> 20} MiB its own (largest of {len(memory)})")
 

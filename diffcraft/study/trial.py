@@ -20,7 +20,7 @@ from diffcraft.storage import Location, filesystem
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.space import config_hash, trial_label
-from diffcraft.study.timeline import mark, mark_memory, mark_process_start
+from diffcraft.study.timeline import mark, mark_memory
 from diffcraft.study.tracking import TrialRun, code_version
 from diffcraft.study.worker import train_worker
 
@@ -41,7 +41,6 @@ def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:
 
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
-    mark_process_start("trial_process", trial_id)
     mark("trial_main", trial_id)
     cfg = study.trial_config(params)
     cfg.name = trial_id
