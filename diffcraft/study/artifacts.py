@@ -8,18 +8,15 @@ epoch, or for a trial the scheduler stopped (its workers are gone) by a Ray task
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
 
 import torch
 
-from diffcraft.storage import Location
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.tracking import TrialRun
-from diffcraft.study.trial import train_location
-from diffcraft.study.worker import METRICS_FILE, STATE_FILE
+from diffcraft.study.checkpoints import STATE_FILE, best_checkpoint
 from diffcraft.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from diffcraft.train.names import (EPOCH_SECONDS, EPOCHS_DONE, KL, LOUDNESS_MAE_DB, MSS, N_PARAMETERS, RPA,
                                    SECONDS_PER_EPOCH, TEST, TRAIN_LOSS, VAL, VAL_ACTIVE_UNITS, VAL_LOSS, mean_name)
@@ -28,21 +25,6 @@ N_AUDIO_SAMPLES = 2  # validation clips whose ground truth and synthesis are log
 ARTIFACTS_TAG = "artifacts"  # "logged" once a run has them: nothing logs them twice
 LOSS_CURVES = (TRAIN_LOSS, VAL_LOSS, mean_name(MSS, VAL), VAL + RPA, VAL + LOUDNESS_MAE_DB, VAL + KL,
                VAL_ACTIVE_UNITS)  # drawn in figures/loss_curves.png, those a trial reports
-
-
-def best_checkpoint(study: StudyConfig, trial_id: str) -> tuple[Location, dict] | None:
-    """The trial's kept checkpoint that is best by the objective: (folder, its reported metrics)."""
-    folder = train_location(study) / trial_id
-    found = []
-    for rel in folder.list_info():
-        if rel.endswith("/" + METRICS_FILE):
-            name = rel.rsplit("/", 1)[0]
-            metrics = json.loads((folder / rel).read_text() or "{}")
-            if study.objective.metric in metrics and (folder / name / STATE_FILE).exists():
-                found.append((folder / name, metrics))
-    if not found:
-        return None
-    return study.objective.best(found, key=lambda item: item[1][study.objective.metric])
 
 
 def has_artifacts(tags: dict) -> bool:

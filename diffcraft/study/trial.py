@@ -16,7 +16,8 @@ import os
 import traceback
 from dataclasses import asdict
 
-from diffcraft.storage import Location, filesystem
+from diffcraft.storage import filesystem
+from diffcraft.study.checkpoints import train_location
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.record import StudyRecord
 from diffcraft.study.space import config_hash, trial_label
@@ -25,11 +26,6 @@ from diffcraft.study.tracking import TrialRun, code_version
 from diffcraft.study.worker import train_worker
 
 TRIAL_DRIVER_MEMORY = 64 << 20  # what a trial's own process reserves: its workers hold the CPUs and GPUs
-
-
-def train_location(study: StudyConfig) -> Location:
-    """Where every trial's Ray Train run keeps its checkpoints: <study>/train/<trial id>/."""
-    return study.location / "train"
 
 
 def trial_main(params: dict, study: StudyConfig, record: StudyRecord) -> None:

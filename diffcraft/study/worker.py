@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
+from diffcraft.study.artifacts import log_artifacts_once
+from diffcraft.study.checkpoints import METRICS_FILE, STATE_FILE
 from diffcraft.study.timeline import mark, mark_process_start
 from diffcraft.study.tracking import TrialRun, scalar_metrics
 from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
 from diffcraft.train.names import COLLAPSED, EPOCH, EPOCHS_DONE, RANK_WEIGHT_SPREAD, VAL_ACTIVE_UNITS
 from diffcraft.train.session import Session
-
-STATE_FILE = "state.pt"  # a checkpoint folder: the full training state ...
-METRICS_FILE = "metrics.json"  # ... and its epoch's metrics, read without loading the state
 
 
 class CollapseGuard:
@@ -177,7 +176,5 @@ def train_worker(config: dict) -> None:
         if result.init_report:  # what train.init_from loaded, module by module
             run.log_dict(result.init_report, "init_report.yaml")
         if run.is_running():  # else Tune stopped the trial and its end logs them (study.outcome)
-            from diffcraft.study.artifacts import log_artifacts_once
-
             log_artifacts_once(run, study, context.get_experiment_name())
         mark("train_end", context.get_experiment_name())
