@@ -77,6 +77,9 @@ def print_profile(path: Path, direct_per_trial: float) -> None:
     for name, _, _ in PHASES:
         print(f"  {name:<60} {statistics.median(p[name] for p in per_trial):6.2f}")
     print(f"  {'a trial, first mark to last':<60} {statistics.median(spans):6.2f}")
+    training = "worker: epochs' training and validation"
+    fixed = [span - p[training] for span, p in zip(spans, per_trial)]
+    print(f"  {'fixed cost: a trial less its training and validation':<60} {statistics.median(fixed):6.2f}")
     print(f"  {'the same training back to back in one process':<60} {direct_per_trial:6.2f}")
     memory = [m for marks in trials for m in marks if m["event"] == "fit_end" and "rss" in m]
     if not memory:  # no trial ended its fit
