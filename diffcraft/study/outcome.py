@@ -7,6 +7,8 @@ The callback runs in Tune's event loop, on the driver: it only reads and ends ru
 trained to its end has its artifacts from its rank-0 worker (`study.artifacts`); for one the
 scheduler stopped, the callback starts a Ray task that logs them and then ends the run, on a node
 with CPUs (never a head that runs drivers only), and the study waits for those tasks at its end.
+A driver killed while such a task runs takes the task with it: the resumed study sweeps that run
+KILLED (ended_by: driver_lost), without its artifacts.
 """
 from __future__ import annotations
 
