@@ -81,6 +81,9 @@ def test_trials_on_every_node_log_each_epoch_once(stack):
     cluster = stack["cluster"]  # each worker staged the S3 cache onto its own disk; the head, running no trial, did not
     assert all(list((cluster.scratch(f"w{i}") / "caches").glob("*/manifest.json")) for i in range(3))
     assert not (cluster.scratch("head") / "caches").exists()
+    # nor did the driver: the trials' workers scored their clips and drew their figures
+    assert not (cluster.scratch("launcher") / "caches").exists()
+    assert all(r.data.tags["artifacts"] == "logged" for r in runs)
     client = MlflowClient(stack["mlflow"].uri)
     assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoint")}
     status = run_driver([*CLI, "study", "status", "spread", "--storage", "s3://bkt/studies"], env=stack["env"],
@@ -258,5 +261,7 @@ def test_a_study_submitted_as_a_ray_job_runs_on_the_cluster_and_no_secret_travel
     assert followed.returncode == 0 and f"[{job}: SUCCEEDED]" in followed.stdout, followed.stdout[-3000:]
     assert "1 trials (1 finished)" in followed.stdout
     (run,) = trial_runs(stack, "submitted")
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["artifacts"] == "logged"
+    # the driver ran on the head as a Ray job: it staged no cache there and scored no clip
+    assert not (cluster.scratch("head") / "caches").exists()
     assert places_holding(stack, CANARY, "submitted") == []

@@ -1,7 +1,8 @@
 """README promises that only a real study shows, each study as small as it can be and shared by the
 tests that read it: a `random` search with seeds, retries after a killed Ray Train worker, the
 status / report / promote commands on it; the collapse guard (stop, and penalize in an Optuna
-study); an Optuna study resumed after its driver was killed."""
+study); an Optuna study resumed after its driver was killed (the one killed-driver study: the
+cluster test kills drivers on a cluster, test_study's SIGTERM test stops one gracefully)."""
 import os
 import re
 import signal
@@ -270,6 +271,8 @@ def resumed_optuna_study(synth_cache, tmp_path_factory):
 
 
 def test_optuna_study_resumed_after_a_killed_driver_keeps_the_samplers_history(resumed_optuna_study):
+    """The study of every killed-driver promise: SIGKILLed with its trials, resumed to completion,
+    each trial FINISHED in one run (no duplicate), each epoch logged once, no suggestion repeated."""
     import optuna
 
     study, before, resumed = resumed_optuna_study
@@ -278,7 +281,7 @@ def test_optuna_study_resumed_after_a_killed_driver_keeps_the_samplers_history(r
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     client, parents, children = child_runs(study)
     assert len(parents) == 1 and len(children) == OPTUNA_SAMPLES
-    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(r.info.status == "FINISHED" and r.data.tags["artifacts"] == "logged" for r in children)
     assert len({r.data.params["train.lr"] for r in children}) == OPTUNA_SAMPLES  # no suggestion repeated
     for run in children:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 1]

@@ -63,6 +63,7 @@ def test_grid_study_logs_nested_runs_with_params_metrics_and_artifacts(ray_local
         history = client.get_metric_history(run.info.run_id, "val_mss_mean")
         assert [m.step for m in history] == [0, 1]
         assert "train_mss" in run.data.metrics and "val_mss_sd" in run.data.metrics
+        assert run.data.tags["artifacts"] == "logged"  # by the trial's rank-0 worker, after its last epoch
         artifacts = {a.path for folder in ("checkpoint", "figures", "audio", "evaluation")
                      for a in client.list_artifacts(run.info.run_id, folder)}
         assert {"checkpoint/best.pt", "figures/loss_curves.png", "figures/spectrogram_0.png",
@@ -117,7 +118,9 @@ def test_optuna_with_asha_stops_a_trial_early(ray_local, synth_cache, tmp_path):
             assert run.info.status == "KILLED" and run.data.tags["ended_by"] == "scheduler", run.data.tags
             assert run.data.tags["stopped_reason"] == \
                 f"stopped by the asha scheduler on its result of epoch {decided_on} of 4"
+            # its workers were stopped: a Ray task logged its artifacts, then ended the run
             assert "checkpoint/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+            assert run.data.tags["artifacts"] == "logged"
         else:
             assert run.info.status == "FINISHED" and "stopped_reason" not in run.data.tags
     assert (tmp_path / "studies" / "s" / "optuna.db").is_file()
@@ -190,6 +193,8 @@ def test_unschedulable_trial_fails_fast_with_the_numbers_and_leaves_nothing(ray_
     ({"objective": {"metric": "loss"}}, "objective.metric: 'loss'"),
     ({"scheduler": {"kind": "hyperband"}}, "scheduler.kind: 'hyperband'"),
     ({"resources": {"cpus_per_worker": 0}}, "resources"),
+    ({"resources": {"worker_start_timeout_s": 0}}, "resources.worker_start_timeout_s: must be > 0"),
+    ({"resources": {"controller_failure_limit": -2}}, "resources.controller_failure_limit: must be >= 0, or -1"),
     ({"concurrency": 0}, "concurrency"),
     ({"collapse_guard": {"action": "warn"}}, "collapse_guard"),
     ({"run": {"train": {"epochs": "many"}}}, "run.train.epochs: expected an integer, got 'many'"),
@@ -205,49 +210,6 @@ def test_every_invalid_study_field_is_named(tmp_path, fields, message):
     with pytest.raises(StudyConfigError) as info:
         load_study(path)
     assert message in str(info.value) and "study.yaml" in str(info.value)
-
-
-@pytest.mark.slow
-def test_killed_driver_resumes_to_completion_without_duplicate_runs(synth_cache, tmp_path):
-    """SIGKILL the whole `diffcraft study run` process group once a trial has finished, then
-    `diffcraft study resume`: every trial ends FINISHED exactly once, none is left RUNNING, and
-    every epoch is logged once."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    path = write_study(tmp_path, synth_cache, run={"train": {"epochs": 3}}, concurrency=1,
-                       search={"algorithm": "grid", "space": {"model.decoder.core": {"grid": ["gru", "mamba", "bigru"]}}})
-    study = load_study(path)
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "diffcraft.cli", "study", "run", str(path)], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, finished = time.time() + 300, 0
-    while time.time() < deadline and proc.poll() is None and not finished:
-        time.sleep(0.5)
-        try:
-            _, _, children = child_runs(study)
-            finished = sum(r.info.status == "FINISHED" for r in children)
-        except Exception:  # the experiment is not created yet
-            pass
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert finished >= 1, "no trial finished before the kill"
-    _, _, before = child_runs(study)
-    assert len(before) < 3 or any(r.info.status == "RUNNING" for r in before), "the study ended before the kill"
-    done = subprocess.run([sys.executable, "-m", "diffcraft.cli", "study", "resume", "s", "--storage",
-                           str(tmp_path / "studies")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    client, parents, children = child_runs(study)
-    assert len(parents) == 1 and len(children) == 3
-    assert sorted(r.data.params["model.decoder.core"] for r in children) == ["bigru", "gru", "mamba"]
-    assert all(r.info.status == "FINISHED" for r in children)
-    for run in children:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")]
-        assert sorted(steps) == [0, 1, 2], steps
 
 
 @pytest.mark.slow
@@ -368,7 +330,7 @@ def test_sigterm_ends_the_study_run_killed_and_resume_finishes_it(synth_cache, t
     import sys
     import time
 
-    path = write_study(tmp_path, synth_cache, run={"train": {"epochs": 3}}, concurrency=1,
+    path = write_study(tmp_path, synth_cache, concurrency=1,
                        search={"algorithm": "grid", "space": {"model.decoder.core": {"grid": ["gru", "mamba"]}}})
     study = load_study(path)
     proc = subprocess.Popen([sys.executable, "-m", "diffcraft.cli", "study", "run", str(path)], cwd=tmp_path,
@@ -394,7 +356,7 @@ def test_sigterm_ends_the_study_run_killed_and_resume_finishes_it(synth_cache, t
     assert parents[0].info.status == "FINISHED" and len(children) == 2
     assert all(r.info.status == "FINISHED" for r in children)
     for run in children:
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")) == [0, 1, 2]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mss_mean")) == [0, 1]
 
 
 def _train_trial_again(study, run_id: str, storage, log):
@@ -424,17 +386,23 @@ def _train_trial_again(study, run_id: str, storage, log):
 @pytest.mark.slow
 def test_a_trial_restarted_after_its_last_epoch_tells_tune_its_final_result_again(ray_local, synth_cache, tmp_path):
     """A driver killed after the trial's last commit but before Tune heard of it: the resumed
-    trial trains nothing, logs nothing twice, and reports the final result again (or Tune and
-    the searcher would end the trial on an older one)."""
+    trial trains nothing, logs nothing twice (its artifacts neither: the first attempt's rank-0
+    worker logged them), and reports the final result again (or Tune and the searcher would end the
+    trial on an older one)."""
+    from diffcraft.study.checkpoints import train_location
+
     study = load_study(write_study(tmp_path, synth_cache))
     client = MlflowClient(study.mlflow.tracking_uri)
     run_id = client.create_run(client.create_experiment("direct")).info.run_id
-    first = _train_trial_again(study, run_id, tmp_path / "train", tmp_path / "first.jsonl")
+    storage = train_location(study).local_path()
+    first = _train_trial_again(study, run_id, storage, tmp_path / "first.jsonl")
     assert [r["epochs_done"] for r in first] == [1, 2]
-    again = _train_trial_again(study, run_id, tmp_path / "train", tmp_path / "again.jsonl")
+    assert client.get_run(run_id).data.tags["artifacts"] == "logged"
+    again = _train_trial_again(study, run_id, storage, tmp_path / "again.jsonl")
     assert len(again) == 1 and again[0]["epochs_done"] == 2
     assert again[0]["val_loss"] == pytest.approx(first[-1]["val_loss"])
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [0, 1]
+    assert len(client.get_metric_history(run_id, "test_mss_mean")) == 1
 
 
 def test_optuna_suggestions_left_running_are_failed_once_the_study_ended(tmp_path, synth_cache):
@@ -465,3 +433,24 @@ def test_a_grid_study_runs_no_more_trials_at_once_than_its_concurrency(ray_local
     _, _, children = child_runs(study)
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)
     assert len(spans) == 3 and all(spans[i][1] <= spans[i + 1][0] for i in range(2)), spans
+
+
+@pytest.mark.slow
+def test_a_trial_whose_workers_do_not_start_in_time_fails_after_its_tries(ray_local, synth_cache, tmp_path):
+    """resources.worker_start_timeout_s and controller_failure_limit reach Ray Train: while every
+    CPU is held elsewhere (a placement group standing for trials of another study), a worker given
+    one second to start does not, and with no try left the trial fails saying so."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    study = load_study(write_study(tmp_path, synth_cache, run={"train": {"epochs": 1}},
+                                   resources={"worker_start_timeout_s": 1, "controller_failure_limit": 0}))
+    held = placement_group([{"CPU": 2}])
+    ray_local.get(held.ready(), timeout=60)
+    try:
+        results = run_study(study, verbose=0).results
+    finally:
+        remove_placement_group(held)
+    assert len(results.errors) == 1
+    (run,) = child_runs(study)[2]
+    assert run.info.status == "FAILED", run.data.tags
+    assert "worker group startup timed out after 1.0 seconds" in run.data.tags["error"], run.data.tags["error"]

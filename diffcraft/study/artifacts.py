@@ -1,43 +1,46 @@
 """What a trial leaves in its MLflow run when it ends: its best checkpoint (by the objective) with
 its config, loss curves, the latent figures, spectrograms and audio of a few validation clips, the
 cost of its configuration, and every validation and test clip scored at that checkpoint.
+
+Logged where the trial trained, never in Tune's driver: by the trial's rank-0 worker after its last
+epoch, or for a trial the scheduler stopped (its workers are gone) by a Ray task that
+`study.outcome` starts on a node with CPUs. The run's `artifacts` tag says they are there.
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
 
 import torch
 
-from diffcraft.storage import Location
 from diffcraft.study.config import StudyConfig
 from diffcraft.study.tracking import TrialRun
-from diffcraft.study.trial import train_location
-from diffcraft.study.worker import METRICS_FILE, STATE_FILE
+from diffcraft.study.checkpoints import STATE_FILE, best_checkpoint
 from diffcraft.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from diffcraft.train.names import (EPOCH_SECONDS, EPOCHS_DONE, KL, LOUDNESS_MAE_DB, MSS, N_PARAMETERS, RPA,
                                    SECONDS_PER_EPOCH, TEST, TRAIN_LOSS, VAL, VAL_ACTIVE_UNITS, VAL_LOSS, mean_name)
 
 N_AUDIO_SAMPLES = 2  # validation clips whose ground truth and synthesis are logged as wav
+ARTIFACTS_TAG = "artifacts"  # "logged" once a run has them: nothing logs them twice
 LOSS_CURVES = (TRAIN_LOSS, VAL_LOSS, mean_name(MSS, VAL), VAL + RPA, VAL + LOUDNESS_MAE_DB, VAL + KL,
                VAL_ACTIVE_UNITS)  # drawn in figures/loss_curves.png, those a trial reports
 
 
-def best_checkpoint(study: StudyConfig, trial_id: str) -> tuple[Location, dict] | None:
-    """The trial's kept checkpoint that is best by the objective: (folder, its reported metrics)."""
-    folder = train_location(study) / trial_id
-    found = []
-    for rel in folder.list_info():
-        if rel.endswith("/" + METRICS_FILE):
-            name = rel.rsplit("/", 1)[0]
-            metrics = json.loads((folder / rel).read_text() or "{}")
-            if study.objective.metric in metrics and (folder / name / STATE_FILE).exists():
-                found.append((folder / name, metrics))
-    if not found:
-        return None
-    return study.objective.best(found, key=lambda item: item[1][study.objective.metric])
+def has_artifacts(tags: dict) -> bool:
+    """Whether a run with these tags has its end-of-trial artifacts."""
+    return tags.get(ARTIFACTS_TAG) == "logged"
+
+
+def log_artifacts_once(run: TrialRun, study: StudyConfig, trial_id: str) -> None:
+    """`log_trial_artifacts` unless the run has them; an error is tagged on the run, not raised (the
+    run still ends, the tag says what is missing)."""
+    if has_artifacts(run.client.get_run(run.run_id).data.tags):
+        return
+    try:
+        log_trial_artifacts(run, study, trial_id)
+    except Exception as err:  # noqa: BLE001
+        run.tag(artifacts_error=f"{type(err).__name__}: {err}"[:5000])
 
 
 def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dict | None:
@@ -65,7 +68,7 @@ def log_trial_artifacts(run: TrialRun, study: StudyConfig, trial_id: str) -> dic
         run.log_metrics(describe_cost(model, history), best_epoch)
         log_clip_scores(run, model, cfg, tmp, best_epoch)
         log_clip_figures(run, model, cfg, tmp)
-    run.tag(best_epoch=best_epoch,
+    run.tag(best_epoch=best_epoch, **{ARTIFACTS_TAG: "logged"},
             **{f"best_{study.objective.metric}": metrics.get(study.objective.metric, math.nan)})
     return metrics
 

@@ -8,7 +8,8 @@ run: {data: {...}, model: {...}, loss: {...}, train: {...}}   # the base run con
 search: {algorithm: grid, space: {...}, samples: 1, seeds: 3}  # see study.space
 objective: {metric: val_mss_mean, mode: min}
 scheduler: {kind: asha, grace_epochs: 2, reduction_factor: 2}
-resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0,
+            worker_start_timeout_s: 600, controller_failure_limit: 3}  # waiting for nodes
 concurrency: 2
 mlflow: {tracking_uri: "", experiment: ""}   # "" = sqlite file mlflow.db here / the study name
 optuna: {storage: ""}                 # "" = optuna.db in a local storage folder; or an RDB URL
@@ -53,6 +54,10 @@ class ResourcesConfig:
     workers: int = 1  # Ray Train workers per trial (data parallel; the global batch stays data.batch_size)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # how long a trial's workers may wait for their nodes, a try: an autoscaler starts a GPU node in minutes
+    worker_start_timeout_s: float = 600.0
+    # tries after the first that may time out (or fail to start) before the trial fails; -1: never fail
+    controller_failure_limit: int = 3
 
 
 @dataclass
@@ -151,6 +156,11 @@ class StudyConfig:
         if r.workers < 1 or r.cpus_per_worker <= 0 or r.gpus_per_worker < 0:
             raise StudyConfigError(f"resources: workers >= 1, cpus_per_worker > 0, gpus_per_worker >= 0 "
                                    f"(got {r.workers}, {r.cpus_per_worker}, {r.gpus_per_worker})")
+        if r.worker_start_timeout_s <= 0:
+            raise StudyConfigError(f"resources.worker_start_timeout_s: must be > 0 seconds (got {r.worker_start_timeout_s})")
+        if r.controller_failure_limit < -1:
+            raise StudyConfigError("resources.controller_failure_limit: must be >= 0, or -1 to retry the start "
+                                   f"forever (got {r.controller_failure_limit})")
         if self.concurrency < 1 or self.max_retries < 0:
             raise StudyConfigError(f"concurrency must be >= 1 and max_retries >= 0 (got {self.concurrency}, {self.max_retries})")
         if g.min_active_units < 0 or g.patience < 1:

@@ -37,13 +37,16 @@ def search_algorithm(study: StudyConfig):
 
 
 def scheduler(study: StudyConfig):
-    """FIFO, or ASHA compared on epochs done, so a restarted trial is judged on the right budget."""
+    """FIFO, or ASHA compared on epochs done, so a restarted trial is judged on the right budget. A
+    trial that reaches its last epoch is not stopped: it ends by itself, its rank-0 worker logging
+    its artifacts first (`study.artifacts`), which a stop would cut short."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if study.scheduler.kind != "asha":
         return FIFOScheduler()
     return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=study.run.train.epochs,
-                         grace_period=study.scheduler.grace_epochs, reduction_factor=study.scheduler.reduction_factor)
+                         grace_period=study.scheduler.grace_epochs, reduction_factor=study.scheduler.reduction_factor,
+                         stop_last_trials=False)
 
 
 def fail_orphan_suggestions(study: StudyConfig) -> list[int]:

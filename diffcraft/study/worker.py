@@ -1,4 +1,5 @@
-"""What every Ray Train worker of a trial runs: the training loop in a `RayTrainSession`.
+"""What every Ray Train worker of a trial runs: the training loop in a `RayTrainSession`, then on
+rank 0 the trial's end-of-trial artifacts (`study.artifacts`: where the cache is already staged).
 
 The session takes the worker's device from Ray Train, wraps the model for data parallelism with
 Ray Train's own `prepare_model`, resumes from `ray.train.get_checkpoint()` and commits each epoch
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import torch
 
+from diffcraft.study.artifacts import log_artifacts_once
+from diffcraft.study.checkpoints import METRICS_FILE, STATE_FILE
 from diffcraft.study.faults import fault_point
+from diffcraft.study.timeline import mark, mark_process_start
 from diffcraft.study.tracking import TrialRun, scalar_metrics
 from diffcraft.train.checkpoint import load_checkpoint, save_checkpoint
 from diffcraft.train.names import COLLAPSED, EPOCH, EPOCHS_DONE, RANK_WEIGHT_SPREAD, VAL_ACTIVE_UNITS
 from diffcraft.train.session import Session
-
-STATE_FILE = "state.pt"  # a checkpoint folder: the full training state ...
-METRICS_FILE = "metrics.json"  # ... and its epoch's metrics, read without loading the state
 
 
 class CollapseGuard:
@@ -66,7 +67,8 @@ class RayTrainSession(Session):
         self.study, self.run = study, run  # run: the trial's TrialRun on rank 0, else None
         self.lease = lease  # the study's LeaseRef: checked before rank 0 logs anything
         self.guard = CollapseGuard(study.collapse_guard)
-        self.where = f"trial {context.get_experiment_name()}"
+        self.trial = context.get_experiment_name()  # the trial's id (its Train run is named after it)
+        self.where = f"trial {self.trial}"
         if run is not None:  # where this attempt trains (a restarted trial may move to another node)
             run.tag(train_node=ray.get_runtime_context().get_node_id())
 
@@ -79,6 +81,7 @@ class RayTrainSession(Session):
 
         model.to(self.device)
         self.model = model
+        self.mark("run_ready")
         return ray.train.torch.prepare_model(model, move_to_device=False) if self.world > 1 else model
 
     def restore(self) -> dict | None:
@@ -115,11 +118,14 @@ class RayTrainSession(Session):
             self.lease.check()  # a driver that lost the study: its workers write no checkpoint ...
             collapsed = self.guard.collapsed(saved["history"])
             report = tune_report(metrics, self.study, collapsed)
+            self.mark("epoch_trained")
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(Path(folder) / STATE_FILE, saved)
                 (Path(folder) / METRICS_FILE).write_text(json.dumps(report))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            self.mark("reported")
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            self.mark("committed")
             fault_point("worker_after_commit")  # committed, not yet in MLflow: what log_missing_epochs repairs
             self.lease.check()  # ... and log no epoch
             if not self.run.is_running():
@@ -131,7 +137,13 @@ class RayTrainSession(Session):
                 if collapsed:
                     self.run.tag(collapsed="true")
                 stop = collapsed and self.study.collapse_guard.action == "stop"
+            self.mark("logged")
         return bool(self.share(1.0 if stop else 0.0))
+
+    def mark(self, event: str) -> None:
+        """A timeline mark (`study.timeline`), on rank 0 only."""
+        if self.rank == 0:
+            mark(event, self.trial)
 
     def weight_spread(self) -> float:
         """The largest difference between the ranks' copies of any weight (a collective)."""
@@ -158,9 +170,18 @@ def train_worker(config: dict) -> None:
     from diffcraft.train.loop import train
 
     study, cfg = config["study"], config["cfg"]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    if rank == 0:
+        mark_process_start("worker_process", context.get_experiment_name())
+        mark("worker_main", context.get_experiment_name())
     run = TrialRun(tracking_client(config["tracking_uri"]), config["run_id"]) if rank == 0 else None
     result = train(cfg, progress=False, session=RayTrainSession(study, run, config["lease"]),
                    select=(study.objective.metric, study.objective.mode))
-    if run is not None and result.init_report:  # what train.init_from loaded, module by module
-        run.log_dict(result.init_report, "init_report.yaml")
+    if run is not None:
+        config["lease"].check()  # the study is still this driver's: only then its artifacts
+        if result.init_report:  # what train.init_from loaded, module by module
+            run.log_dict(result.init_report, "init_report.yaml")
+        if run.is_running():  # else Tune stopped the trial and its end logs them (study.outcome)
+            log_artifacts_once(run, study, context.get_experiment_name())
+        mark("train_end", context.get_experiment_name())
