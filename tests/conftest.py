@@ -20,9 +20,13 @@ def sine(freq_hz: float, seconds: float, amplitude: float = 0.5, sample_rate: in
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray with 2 CPUs, shared by every test that needs one."""
+    """A real local Ray with 2 CPUs, shared by every test that needs one. Its node has its own
+    credentials for the tests' S3 servers (moto accepts any), as a cluster node has from its
+    platform: no credential crosses a job's runtime environment (`diffcraft.raytools`)."""
     import ray
 
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(key, "testing")
     ray.init(address="local", num_cpus=2, logging_level="ERROR", include_dashboard=True)
     yield ray
     ray.shutdown()
