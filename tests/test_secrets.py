@@ -16,6 +16,8 @@ SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAcanary", "AWS_SECRET_ACCESS_KEY": "canary-s
 
 
 def test_only_endpoints_and_regions_cross_the_runtime_env(monkeypatch):
+    for key in raytools.FORWARDED_ENV:
+        monkeypatch.delenv(key, raising=False)
     for key, value in {**SECRETS, "AWS_ENDPOINT_URL_S3": "http://minio:9000", "AWS_REGION": "eu-west-1"}.items():
         monkeypatch.setenv(key, value)
     forwarded = raytools.forwarded_env(EXTRA="1")
