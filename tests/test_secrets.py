@@ -56,3 +56,9 @@ def test_a_reference_to_a_variable_not_set_names_the_field_and_the_variable(monk
 
 def test_messages_show_a_password_redacted():
     assert redacted("postgresql://u:hunter2@db/x") == "postgresql://u:***@db/x"
+
+
+def test_a_ray_client_address_is_refused_pointing_at_ray_jobs():
+    with pytest.raises(ConfigError, match=r"Ray Client is not supported.*diffcraft study submit"):
+        raytools.check_address("ray://head:10001")
+    raytools.check_address("auto")  # a driver on the cluster itself is fine

@@ -7,6 +7,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from diffcraft.errors import StudyConfigError
+from diffcraft.study.lease import acquire_lease
 from diffcraft.study.report import write_report
 from diffcraft.study.runner import refuse_before_starting, run_study
 from diffcraft.study.status import status_lines
@@ -376,10 +377,14 @@ def _train_trial_again(study, run_id: str, storage, log):
                 f.write(json.dumps(metrics[0]) + "\n")
 
     cfg = study.trial_config({})
-    TorchTrainer(train_worker, train_loop_config={"study": study, "cfg": cfg, "run_id": run_id,
-                                                  "tracking_uri": study.mlflow.tracking_uri},
-                 scaling_config=ray.train.ScalingConfig(num_workers=1),
-                 run_config=ray.train.RunConfig(name="trial", storage_path=str(storage), callbacks=[Reports()])).fit()
+    lease = acquire_lease(study.location, on_lost=print)  # the worker checks its study's lease
+    try:
+        TorchTrainer(train_worker, train_loop_config={"study": study, "cfg": cfg, "run_id": run_id, "lease": lease.ref,
+                                                      "tracking_uri": study.mlflow.tracking_uri},
+                     scaling_config=ray.train.ScalingConfig(num_workers=1),
+                     run_config=ray.train.RunConfig(name="trial", storage_path=str(storage), callbacks=[Reports()])).fit()
+    finally:
+        lease.release()
     return [json.loads(line) for line in open(log)] if log.exists() else []
 
 

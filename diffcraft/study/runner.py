@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass
 
 from diffcraft import raytools
@@ -58,10 +59,11 @@ def refuse_before_starting(study: StudyConfig, address: str | None, resume: bool
     return stored.tracking_uri if stored else default_tracking_uri(study.mlflow.tracking_uri)
 
 
-def _forward_sigterm():
+def _forward_sigterm(received: threading.Event):
     """SIGTERM ends the run the way Ctrl-C does: Tune saves its state and returns (SIGUSR1 is
-    Tune's own interrupt signal)."""
+    Tune's own interrupt signal); `received` remembers it."""
     def handler(signum, frame):
+        received.set()
         os.kill(os.getpid(), signal.SIGUSR1)
 
     return signal.signal(signal.SIGTERM, handler)
@@ -114,22 +116,24 @@ def _preflight(study: StudyConfig, tracking_uri: str, ray, progress) -> None:
 
 
 def _fit(tuner):
-    """Tune's fit, SIGTERM handled as Ctrl-C; Tune's ResultGrid."""
-    previous = _forward_sigterm()
+    """Tune's fit, SIGTERM handled as Ctrl-C: (Tune's ResultGrid, whether SIGTERM interrupted it).
+    A study stopped between two trials has no unfinished trial in the grid to say so."""
+    received = threading.Event()
+    previous = _forward_sigterm(received)
     try:
-        return tuner.fit()
+        return tuner.fit(), received.is_set()
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _finish(study: StudyConfig, record: StudyRecord, results, progress) -> StudyOutcome:
+def _finish(study: StudyConfig, record: StudyRecord, results, progress, stopped: bool = False) -> StudyOutcome:
     """End the parent run FINISHED, or KILLED when trials are left (their runs swept), with the
     trial counts; describe the result on it."""
     client = record.client()
     counts: dict[str, int] = {}
     for run in trial_runs(client, record):
         counts[run.info.status] = counts.get(run.info.status, 0) + 1
-    interrupted = results.num_terminated + results.num_errors < len(results) or "RUNNING" in counts
+    interrupted = stopped or results.num_terminated + results.num_errors < len(results) or "RUNNING" in counts
     client.log_metric(record.parent_run_id, "trials_finished", counts.get("FINISHED", 0))
     client.log_metric(record.parent_run_id, "trials_failed", counts.get("FAILED", 0))
     client.set_terminated(record.parent_run_id, "KILLED" if interrupted else "FINISHED")
@@ -175,9 +179,9 @@ def run_study(study: StudyConfig, address: str | None = None, resume: bool = Fal
             mark_model_training(client, record.experiment_id)
             client.update_run(record.parent_run_id, status="RUNNING")
             fault_point("driver_before_tune")  # lease, record and parent run exist; Tune has written nothing
-            results = _fit(_tuner(study, record, lease, verbose, retry_failed))
+            results, stopped = _fit(_tuner(study, record, lease, verbose, retry_failed))
             lease.fence()
-            return _finish(study, record, results, progress)
+            return _finish(study, record, results, progress, stopped)
         except BaseException:
             lease.fence()
             _end_killed(study)
