@@ -32,7 +32,13 @@ from diffcraft.storage import Location, s3_endpoint
 
 LEASE = "lease.json"
 LEASE_TTL_S = float(os.environ.get("DIFFCRAFT_LEASE_TTL_S", "60"))  # tests shorten it
-LEASE_RENEW_S = LEASE_TTL_S / 12  # LeaseRef.check assumes this ratio
+LEASE_RENEW_S = LEASE_TTL_S / 12
+
+
+def held_for(ttl_s: float) -> float:
+    """How long a lease counts as held after its last renewal: the TTL less one renewal period,
+    so a holder stops before another driver may take the lease over (driver and workers alike)."""
+    return ttl_s * 11 / 12
 LEASE_LOST_EXIT = 75  # a driver's exit status when it lost its study (EX_TEMPFAIL)
 
 
@@ -227,7 +233,7 @@ class LeaseRef:
         held = found[0] if found else {}
         if held.get("token") != self.token:
             raise LeaseLost(f"{self.uri}: another driver runs this study now; this trial stops without logging more")
-        if time.time() - held["renewed"] > self.ttl_s * 11 / 12:  # the TTL less one renewal period
+        if time.time() - held["renewed"] > held_for(self.ttl_s):
             raise LeaseLost(f"{self.uri}: the study's driver has not renewed its lease for "
                             f"{time.time() - held['renewed']:.0f} s; this trial stops without logging more")
 
@@ -253,7 +259,7 @@ class Lease:
         """Stop this driver (`on_lost`) unless the lease is surely still its own: renewed within the
         TTL less one renewal period, and not found taken by another driver."""
         silent = time.monotonic() - self._renewed_at
-        if not self._lost and silent > LEASE_TTL_S - LEASE_RENEW_S:
+        if not self._lost and silent > held_for(LEASE_TTL_S):
             self._lost = (f"{self.location}: this driver could not renew its lease for {silent:.0f} s (paused, or "
                           "cut off from the store); another driver may have taken the study over, so this one stops")
         if self._lost:
